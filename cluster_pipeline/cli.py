@@ -1,0 +1,90 @@
+"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import dist
+from .config import ConfigError, load_config, validate_against_data
+from .data.reader import SampleReader, ShardError, ShardIndex
+from .data.shards import load_source, write_shards
+from .extract import extract_features, save_features
+from .models import build_model
+from .rundir import prepare_run_dir
+from .train import on_rank0, run_deepcluster
+
+log = logging.getLogger("cluster_pipeline")
+
+
+def cmd_make_shards(args: argparse.Namespace) -> None:
+    index = write_shards(load_source(args.source), args.out, args.samples_per_shard)
+    print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to {args.out}")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    """Features of every sample, exactly once, gathered to rank 0 and saved in the run directory."""
+    cfg = load_config(args.config, args.overrides)
+    ctx = dist.init_distributed(cfg.dist.timeout_s)
+    run_dir = prepare_run_dir(cfg, ctx)
+    index = ShardIndex.load(cfg.data.shards)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k).to(ctx.device)
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state))
+    validate_against_data(cfg, index.num_samples, model.feature_dim, ctx.world)
+    reader = SampleReader(index, cfg.data.load_size, cfg.data.channels)
+    idx, feats = extract_features(model, reader, cfg, ctx)
+    all_feats = dist.gather_features(ctx, idx, feats, index.num_samples)
+    out = Path(args.out) if args.out else run_dir / "features"
+    on_rank0(ctx, save_features, out, all_feats, index.labels)
+    if ctx.is_main:
+        print(f"wrote features {all_feats.shape} to {out}")  # type: ignore[union-attr]
+    dist.shutdown(ctx)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_deepcluster(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {run_dir}\nreport: {run_dir / 'report.png'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cluster-pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-shards", help="write webdataset tar shards and their index")
+    p.add_argument("--source", required=True, help="mnist5k, digits or imagefolder:PATH")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.set_defaults(func=cmd_make_shards)
+
+    for name, func, text in (
+        ("extract", cmd_extract, "extract features of every sample exactly once"),
+        ("train", cmd_train, "train DeepCluster (resumes the run directory if it has checkpoints)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo_mnist.yaml")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.k=100")
+        if name == "extract":
+            p.add_argument("--checkpoint", help="model weights (a run checkpoint or a state_dict)")
+            p.add_argument("--out", help="output folder (default: <run dir>/features)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ShardError, FileNotFoundError) as exc:
+        print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

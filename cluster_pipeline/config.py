@@ -1,0 +1,237 @@
+"""Typed configuration: nested dataclasses loaded from YAML with OmegaConf.
+
+Unknown keys and ill-typed values are errors that name the key, so a typo in an 8-node job
+fails in the first second rather than silently running the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ARCHS = ("small_cnn", "alexnet_bn", "resnet18", "resnet50")
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the key and what would work."""
+
+
+@dataclass
+class DataConfig:
+    # Directory written by `cluster-pipeline make-shards` (holds index.json).
+    shards: str = MISSING
+    # Images are decoded to this square size (resize shorter side, then center crop).
+    load_size: int = 28
+    # The network sees crops of this size (center crop for extraction, random for training).
+    image_size: int = 28
+    # 1 for grayscale sources (MNIST, digits), 3 for RGB.
+    channels: int = 1
+    mean: list[float] = field(default_factory=lambda: [0.5])
+    std: list[float] = field(default_factory=lambda: [0.5])
+    # DataLoader worker processes per rank.
+    num_workers: int = 2
+    # Images per forward pass during feature extraction, per rank.
+    extract_batch_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    # One of small_cnn, alexnet_bn, resnet18, resnet50.
+    arch: str = "small_cnn"
+    # DeepCluster's fixed grayscale + Sobel input layer.
+    sobel: bool = False
+    # Width multiplier of the small CNN (channels of its first block).
+    width: int = 32
+    # Replace BatchNorm by SyncBatchNorm under DDP so statistics cover the global batch.
+    sync_bn: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    # Number of clusters (DeepCluster: 10000 on ImageNet).
+    k: int = 100
+    # PCA output dimension; 0 disables PCA (DeepCluster: 256).
+    pca_dim: int = 256
+    whiten: bool = True
+    l2_normalize: bool = True
+    # Lloyd iterations of faiss k-means.
+    niter: int = 20
+    # faiss subsamples the training set to k * this many points; assignment covers all points.
+    max_points_per_centroid: int = 256
+    # Relative perturbation when an empty cluster takes a copy of a non-empty centroid.
+    split_eps: float = 1e-4
+    # Use faiss on every GPU of rank 0's node when there are GPUs.
+    use_gpu: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    random_resized_crop: bool = True
+    # Smallest crop area as a fraction of the image (torchvision's default is 0.08).
+    min_scale: float = 0.08
+    flip: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    head_lr: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    # Images per step per rank; the global batch is batch_size * world size.
+    batch_size: int = 256
+    # Samples drawn per epoch by the uniform-over-clusters sampler; 0 means N.
+    samples_per_epoch: int = 0
+    seed: int = 0
+    # Save a checkpoint every this many epochs (the last epoch is always saved).
+    checkpoint_every: int = 1
+    # Number of epoch checkpoints to keep.
+    keep_checkpoints: int = 2
+    # Save the assignments of every epoch in the run directory.
+    save_assignments: bool = True
+
+
+@dataclass
+class WandbConfig:
+    # auto: online if WANDB_API_KEY is set, else offline. Also online, offline, disabled.
+    mode: str = "auto"
+    project: str = "cluster_pipeline"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    # Run directory; empty means runs/<config name>-<timestamp>, chosen by rank 0.
+    dir: str = ""
+    # Continue the run found in `dir` (its last checkpoint); false refuses to touch it.
+    resume: bool = True
+    # Show tqdm progress bars on rank 0.
+    progress: bool = True
+
+
+@dataclass
+class DistConfig:
+    # Seconds a collective may wait for a peer before the run fails (a dead rank).
+    timeout_s: int = 600
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    # The config file's stem, used to name run directories.
+    name: str = "run"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge defaults, a YAML file and `key=value` overrides into a validated Config."""
+    schema = OmegaConf.structured(Config)
+    where = "defaults"
+    try:
+        merged = schema
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            where = str(path)
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            if "name" not in OmegaConf.load(path):
+                merged.name = path.stem
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        where = "command-line overrides " + " ".join(overrides)
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"bad config key {key!r} in {where}: {msg}") from None
+    assert isinstance(cfg, Config)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Value checks that need no data; checks against the data are in `validate_against_data`."""
+    checks: list[tuple[bool, str]] = [
+        (cfg.model.arch in ARCHS, f"model.arch={cfg.model.arch!r} is unknown; use one of {ARCHS}"),
+        (cfg.cluster.k >= 2, f"cluster.k={cfg.cluster.k} must be at least 2"),
+        (cfg.cluster.pca_dim >= 0, f"cluster.pca_dim={cfg.cluster.pca_dim} must be >= 0"),
+        (cfg.cluster.niter >= 1, f"cluster.niter={cfg.cluster.niter} must be >= 1"),
+        (cfg.data.channels in (1, 3), f"data.channels={cfg.data.channels} must be 1 or 3"),
+        (
+            len(cfg.data.mean) == cfg.data.channels and len(cfg.data.std) == cfg.data.channels,
+            f"data.mean and data.std need {cfg.data.channels} values (data.channels)",
+        ),
+        (
+            0 < cfg.data.image_size <= cfg.data.load_size,
+            f"data.image_size={cfg.data.image_size} must be in 1..data.load_size "
+            f"({cfg.data.load_size})",
+        ),
+        (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
+        (cfg.data.extract_batch_size >= 1, "data.extract_batch_size must be >= 1"),
+        (cfg.train.batch_size >= 1, f"train.batch_size={cfg.train.batch_size} must be >= 1"),
+        (cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be >= 1"),
+        (cfg.train.samples_per_epoch >= 0, "train.samples_per_epoch must be >= 0"),
+        (0 < cfg.augment.min_scale <= 1, "augment.min_scale must be in (0, 1]"),
+        (
+            cfg.wandb.mode in ("auto", "online", "offline", "disabled"),
+            f"wandb.mode={cfg.wandb.mode!r}; use auto, online, offline or disabled",
+        ),
+        (cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def validate_against_data(cfg: Config, num_samples: int, feature_dim: int, world: int) -> None:
+    """Checks that need N and the feature dimension; run before any expensive work."""
+    if cfg.cluster.k > num_samples:
+        raise ConfigError(
+            f"cluster.k={cfg.cluster.k} but only {num_samples} samples are in "
+            f"{cfg.data.shards}; lower cluster.k"
+        )
+    if cfg.cluster.pca_dim > feature_dim:
+        raise ConfigError(
+            f"cluster.pca_dim={cfg.cluster.pca_dim} exceeds the feature dimension {feature_dim} "
+            f"of model.arch={cfg.model.arch}; lower cluster.pca_dim or set it to 0"
+        )
+    if cfg.cluster.pca_dim > num_samples:
+        raise ConfigError(
+            f"cluster.pca_dim={cfg.cluster.pca_dim} exceeds the {num_samples} samples; "
+            "lower cluster.pca_dim"
+        )
+    samples = cfg.train.samples_per_epoch or num_samples
+    if samples < cfg.train.batch_size * world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} x {world} ranks exceeds the "
+            f"{samples} samples of an epoch; lower train.batch_size"
+        )
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Shards on disk to batches on the device: writing, exactly-once reading, sampling, augmentation."""

@@ -1,0 +1,34 @@
+"""The training sampler: uniform over clusters, identical on every rank, equal steps per rank."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def uniform_cluster_sampler(labels: np.ndarray, num_draws: int, seed: int) -> np.ndarray:
+    """Draw `num_draws` sample indices so that every non-empty cluster is drawn equally often.
+
+    DeepCluster's remedy for trivial parametrization: each non-empty cluster contributes
+    ceil(num_draws / k_nonempty) draws, taken without replacement from a shuffle of its members
+    and cycling through them again only when the cluster is smaller than its share. The result is
+    shuffled and cut to `num_draws`. Vectorized: no Python loop over samples or clusters.
+    """
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.random(len(labels)), labels))  # members grouped, shuffled within
+    sizes = np.bincount(labels)
+    nonempty = np.flatnonzero(sizes)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))[nonempty]
+    per = -(-num_draws // len(nonempty))
+    j = np.arange(per)
+    pos = starts[:, None] + j[None, :] % sizes[nonempty][:, None]
+    draws = order[pos.ravel()]
+    return draws[rng.permutation(len(draws))[:num_draws]]
+
+
+def rank_slice(draws: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:
+    """This rank's share of the global draws, cut so every rank takes the same number of steps.
+
+    Equal step counts are what keep DDP's all-reduces matched across ranks.
+    """
+    steps = len(draws) // (world * batch_size)
+    return draws[rank::world][: steps * batch_size]

@@ -1,0 +1,49 @@
+"""Shared fixtures: real shards built once per session, W&B kept offline and inside tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from cluster_pipeline.data.shards import digits_source, write_shards
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _wandb_offline(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """No network, no API key: every W&B file lands in a temporary directory."""
+    base = tmp_path_factory.getbasetemp() / "wandb-home"
+    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_CACHE_DIR", "cache"),
+                     ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data")):  # fmt: skip
+        (base / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(var, str(base / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's 1797 digits as 4 real webdataset shards (500, 500, 500, 297 samples)."""
+    out = tmp_path_factory.mktemp("digits")
+    write_shards(digits_source(), out, samples_per_shard=500)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def dist_env(monkeypatch: pytest.MonkeyPatch):
+    """Clear torchrun variables so a test process is a world of one unless it says otherwise."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    os.environ.pop("RANK", None)

@@ -1,0 +1,63 @@
+"""Run a function on N real gloo ranks (separate processes) and collect each rank's return value."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    try:
+        result: Any = ("ok", fn(rank, world, *args))
+    except BaseException as exc:
+        result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 120) -> list[Any]:
+    """fn(rank, world, *args) on `world` processes; returns results in rank order.
+
+    `fn` must be a module-level function. The processes get torchrun's environment variables, so
+    `cluster_pipeline.dist.init_distributed` joins a real gloo group.
+    """
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(
+            _worker, args=(world, _free_port(), out, fn, args), nprocs=world, join=False,
+            start_method="spawn",
+        )  # fmt: skip
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"ranks did not finish within {timeout} s")
+        results = [pickle.loads(Path(out, f"rank{r}.pkl").read_bytes()) for r in range(world)]
+    errors = [f"rank {r}: {msg}" for r, (status, msg) in enumerate(results) if status == "error"]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [value for _, value in results]

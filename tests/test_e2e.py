@@ -1,0 +1,112 @@
+"""End to end: real torchrun ranks, real shards, real faiss, real W&B offline files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster_pipeline.tracking import read_wandb_history
+
+REPO = Path(__file__).resolve().parent.parent
+KEYS = {
+    "epoch", "nmi_prev", "nmi_gt", "ari_gt", "kmeans_loss", "n_empty_before_split",
+    "cluster_size_min", "cluster_size_median", "cluster_size_max", "train_loss",
+    "time_extract_s", "time_gather_s", "time_cluster_s", "time_train_s", "images_per_s",
+}  # fmt: skip
+
+
+def cli(*args: str, nproc: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`cluster-pipeline ARGS` as one process, or on `nproc` torchrun ranks through launch.local."""
+    prefix = ["-m", "launch.local", "--nproc", str(nproc)] if nproc else ["-m", "cluster_pipeline"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(
+        [sys.executable, *prefix, *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    cfg = "configs/digits_test.yaml"
+    res = cli("train", "--config", cfg, f"data.shards={digits_shards}", f"run.dir={run_dir}",
+              nproc=2)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return run_dir
+
+
+def test_two_rank_run_writes_metrics_with_every_key(two_rank_run: Path) -> None:
+    rows = rows_of(two_rank_run)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r.keys() >= KEYS, KEYS - r.keys()
+        assert 0.0 <= r["nmi_gt"] <= 1.0 and r["train_loss"] > 0
+    assert rows[0]["nmi_prev"] is None and 0.0 <= rows[1]["nmi_prev"] <= 1.0
+    for name in ("config.yaml", "report.png", "logs/rank0.log", "logs/rank1.log"):
+        assert (two_rank_run / name).is_file(), name
+    assert len(list((two_rank_run / "checkpoints").glob("checkpoint-*.pt"))) == 2
+
+
+def test_no_cluster_is_empty(two_rank_run: Path) -> None:
+    k = 20  # configs/digits_test.yaml
+    for epoch, row in enumerate(rows_of(two_rank_run)):
+        labels = np.load(two_rank_run / "assignments" / f"epoch-{epoch:04d}.npy")
+        assert len(labels) == 1797
+        sizes = np.bincount(labels, minlength=k)
+        assert len(sizes) == k and sizes.min() >= 1
+        assert row["cluster_size_min"] == sizes.min() and row["cluster_size_max"] == sizes.max()
+
+
+def test_wandb_offline_run_holds_the_same_values(two_rank_run: Path) -> None:
+    files = list((two_rank_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files  # rank 0 only
+    history = read_wandb_history(files[0])
+    rows = rows_of(two_rank_run)
+    assert [h["epoch"] for h in history] == [r["epoch"] for r in rows]
+    for h, r in zip(history, rows, strict=True):
+        assert h["nmi_gt"] == pytest.approx(r["nmi_gt"])
+        assert h["train_loss"] == pytest.approx(r["train_loss"])
+    assert history[1]["nmi_prev"] == pytest.approx(rows[1]["nmi_prev"])
+
+
+def test_rerun_resumes_without_repeating_an_epoch(two_rank_run: Path, digits_shards: Path) -> None:
+    wandb_before = {p.name for p in (two_rank_run / "wandb").glob("offline-run-*")}
+    res = cli("train", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              f"run.dir={two_rank_run}", "train.epochs=3")  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [r["epoch"] for r in rows_of(two_rank_run)] == [0, 1, 2]
+    ids = {p.name.rsplit("-", 1)[-1] for p in (two_rank_run / "wandb").glob("offline-run-*")}
+    assert ids == {n.rsplit("-", 1)[-1] for n in wandb_before}, "resume must continue the W&B run"
+
+
+def test_extract_writes_every_sample_once(digits_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "feats"
+    res = cli("extract", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              f"run.dir={tmp_path / 'run'}", "--out", str(out), nproc=2)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    feats, index = np.load(out / "features.npy"), np.load(out / "index.npy")
+    assert feats.shape == (1797, 128) and np.isfinite(feats).all()
+    assert np.array_equal(index, np.arange(1797))
+    assert np.array_equal(np.load(out / "labels.npy")[:10], np.arange(10))
+
+
+def test_k_greater_than_n_is_a_clear_error(digits_shards: Path, tmp_path: Path) -> None:
+    res = cli("train", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              f"run.dir={tmp_path / 'run'}", "cluster.k=5000")  # fmt: skip
+    assert res.returncode == 2
+    assert "cluster.k=5000" in res.stderr and "1797" in res.stderr
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path: Path) -> None:
+    res = cli("train", "--config", "configs/digits_test.yaml", "cluster.kk=5")
+    assert res.returncode == 2 and "cluster.kk" in res.stderr
