@@ -25,7 +25,7 @@ demo-shards: data/mnist5k/index.json
 
 # DeepCluster on MNIST-5k, 2 local ranks (torchrun, gloo), about 3 minutes on 2 CPU cores.
 demo: data/mnist5k/index.json
-	$(PY) -m launch.local --nproc $(NPROC) train --config configs/demo_mnist.yaml run.progress=false
+	$(PY) -m launch.local --nproc $(NPROC) train --config configs/demo_mnist.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -6,18 +6,12 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
-import torch
-
-from . import dist
-from .config import ConfigError, load_config, validate_against_data
-from .data.reader import SampleReader, ShardError, ShardIndex
+from .config import ConfigError, load_config
+from .data.reader import ShardError
 from .data.shards import load_source, write_shards
-from .extract import extract_features, save_features
-from .models import build_model
-from .rundir import prepare_run_dir
-from .train import on_rank0, run_deepcluster
+from .extract import run_extract
+from .train import run_deepcluster
 
 log = logging.getLogger("cluster_pipeline")
 
@@ -28,25 +22,9 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    """Features of every sample, exactly once, gathered to rank 0 and saved in the run directory."""
-    cfg = load_config(args.config, args.overrides)
-    ctx = dist.init_distributed(cfg.dist.timeout_s)
-    run_dir = prepare_run_dir(cfg, ctx)
-    index = ShardIndex.load(cfg.data.shards)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k).to(ctx.device)
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state))
-    validate_against_data(cfg, index.num_samples, model.feature_dim, ctx.world)
-    reader = SampleReader(index, cfg.data.load_size, cfg.data.channels)
-    idx, feats = extract_features(model, reader, cfg, ctx)
-    all_feats = dist.gather_features(ctx, idx, feats, index.num_samples)
-    out = Path(args.out) if args.out else run_dir / "features"
-    on_rank0(ctx, save_features, out, all_feats, index.labels)
-    if ctx.is_main:
-        print(f"wrote features {all_feats.shape} to {out}")  # type: ignore[union-attr]
-    dist.shutdown(ctx)
+    folder = run_extract(load_config(args.config, args.overrides), args.checkpoint, args.out)
+    if folder is not None:
+        print(f"wrote features to {folder}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

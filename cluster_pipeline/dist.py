@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ import torch.distributed as tdist
 from torch import nn
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Rows per message in `gather_features`: bounds the extra memory on rank 0 to one chunk.
 GATHER_CHUNK_BYTES = 64 << 20
@@ -109,6 +112,19 @@ def raise_if_any_rank_failed(ctx: DistContext, error: BaseException | None) -> N
         raise error
     if failed:
         raise RuntimeError(f"rank(s) {failed} failed; see their logs (logs/rank<N>.log)")
+
+
+def on_rank0(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T | None:
+    """fn(*args) on rank 0 only; if it raises, every rank raises. Collective: call on every rank."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            log.exception("rank 0 failed")
+            error = exc
+    raise_if_any_rank_failed(ctx, error)
+    return result
 
 
 def all_reduce_sum(ctx: DistContext, values: np.ndarray) -> np.ndarray:

@@ -10,10 +10,11 @@ import torch
 from tqdm import tqdm
 
 from . import dist
-from .config import Config
+from .config import Config, validate_against_data
 from .data.augment import center_crop, to_float
-from .data.reader import SampleReader, batch_loader, rank_partition
-from .models import ClusterNet
+from .data.reader import SampleReader, ShardIndex, batch_loader, rank_partition
+from .models import ClusterNet, build_model
+from .rundir import prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,33 @@ def save_features(out: Path, feats: np.ndarray, labels: np.ndarray | None) -> No
     np.save(out / "index.npy", np.arange(len(feats), dtype=np.int64))
     if labels is not None:
         np.save(out / "labels.npy", labels)
+
+
+def open_data_and_model(
+    cfg: Config, ctx: dist.DistContext
+) -> tuple[ShardIndex, SampleReader, ClusterNet]:
+    """The shard index (checked against the files), a sample reader, and the seeded model.
+
+    Every config check that needs N or the feature dimension runs here, before any real work.
+    """
+    index = ShardIndex.load(cfg.data.shards)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k).to(ctx.device)
+    validate_against_data(cfg, index.num_samples, model.feature_dim, ctx.world)
+    return index, SampleReader(index, cfg.data.load_size, cfg.data.channels), model
+
+
+def run_extract(cfg: Config, weights: str | None, out: str | None) -> Path | None:
+    """`cluster-pipeline extract`: features of every sample, gathered and saved by rank 0."""
+    ctx = dist.init_distributed(cfg.dist.timeout_s)
+    run_dir = prepare_run_dir(cfg, ctx)
+    index, reader, model = open_data_and_model(cfg, ctx)
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state))
+    idx, feats = extract_features(model, reader, cfg, ctx)
+    all_feats = dist.gather_features(ctx, idx, feats, index.num_samples)
+    folder = Path(out) if out else run_dir / "features"
+    dist.on_rank0(ctx, save_features, folder, all_feats, index.labels)
+    dist.shutdown(ctx)
+    return folder if ctx.is_main else None

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,28 +17,23 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint, dist, kmeans, metrics
-from .config import Config, ConfigError, to_dict, to_yaml, validate_against_data
+from .config import Config, ConfigError, to_dict, to_yaml
 from .data.augment import center_crop, random_resized_crop, to_float
-from .data.reader import SampleReader, ShardIndex, batch_loader
+from .data.reader import SampleReader, batch_loader
 from .data.sampler import rank_slice, uniform_cluster_sampler
-from .extract import extract_features
-from .models import ClusterNet, build_model, reset_head
+from .extract import extract_features, open_data_and_model
+from .models import ClusterNet, reset_head
 from .rundir import prepare_run_dir
 from .tracking import Tracker, read_metrics, truncate_metrics, write_report
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def run_deepcluster(cfg: Config) -> Path:
     """Train DeepCluster for cfg.train.epochs, resuming from the run directory's last checkpoint."""
     ctx = dist.init_distributed(cfg.dist.timeout_s)
     run_dir = prepare_run_dir(cfg, ctx)
-    index = ShardIndex.load(cfg.data.shards)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k).to(ctx.device)
-    validate_against_data(cfg, index.num_samples, model.feature_dim, ctx.world)
-    reader = SampleReader(index, cfg.data.load_size, cfg.data.channels)
+    index, reader, model = open_data_and_model(cfg, ctx)
     ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
     optimizer = make_optimizer(model, cfg)
     start = resume(run_dir, cfg, model, optimizer, ctx)
@@ -51,17 +46,18 @@ def run_deepcluster(cfg: Config) -> Path:
         with t("gather"):
             all_feats = dist.gather_features(ctx, idx, feats, n)
         with t("cluster"):
-            clusters = on_rank0(ctx, cluster_epoch, all_feats, cfg, epoch)
+            clusters = dist.on_rank0(ctx, cluster_epoch, all_feats, cfg, epoch)
         with t("broadcast"):
             labels = dist.broadcast_labels(ctx, clusters.labels if clusters else None, n)
         reset_head_and_state(model, optimizer, seed=cfg.train.seed * 7919 + epoch)
         with t("train"):
             loss, images = train_one_epoch(ddp, optimizer, reader, labels, cfg, ctx, epoch)
         with t("checkpoint"):
-            on_rank0(ctx, save_epoch, run_dir, cfg, epoch, model, optimizer, labels, tracker)
-        row = epoch_metrics(epoch, clusters, labels, prev_labels, index.labels, loss, images, t)
-        tracker.log_epoch(row) if ctx.is_main else None
-        print_epoch_row(row, header=epoch == start.epoch) if ctx.is_main else None
+            dist.on_rank0(ctx, save_epoch, run_dir, cfg, epoch, model, optimizer, labels, tracker)
+        if ctx.is_main:
+            row = epoch_metrics(epoch, clusters, labels, prev_labels, index.labels, loss, images, t)
+            tracker.log_epoch(row)
+            print_epoch_row(row, header=epoch == start.epoch)
         prev_labels = labels
     finish_run(run_dir, ctx, tracker, prev_labels)
     return run_dir
@@ -80,19 +76,6 @@ class PhaseTimer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds[name] = time.perf_counter() - start
-
-
-def on_rank0(ctx: dist.DistContext, fn: Callable[..., T], *args: Any) -> T | None:
-    """fn(*args) on rank 0 only; if it raises, every rank raises. Collective: call on every rank."""
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = fn(*args)
-        except Exception as exc:
-            log.exception("rank 0 failed")
-            error = exc
-    dist.raise_if_any_rank_failed(ctx, error)
-    return result
 
 
 def cluster_epoch(feats: np.ndarray | None, cfg: Config, epoch: int) -> kmeans.Clustering:
