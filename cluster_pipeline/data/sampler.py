@@ -10,8 +10,8 @@ def uniform_cluster_sampler(labels: np.ndarray, num_draws: int, seed: int) -> np
 
     DeepCluster's remedy for trivial parametrization: each non-empty cluster contributes
     ceil(num_draws / k_nonempty) draws, taken without replacement from a shuffle of its members
-    and cycling through them again only when the cluster is smaller than its share. The result is
-    shuffled and cut to `num_draws`. Vectorized: no Python loop over samples or clusters.
+    and cycling through them again only when the cluster is smaller than its share; cutting to
+    `num_draws` leaves per-cluster counts equal within one. The result is shuffled. Vectorized: no Python loop over samples or clusters.
     """
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(len(labels)), labels))  # members grouped, shuffled within
@@ -21,8 +21,9 @@ def uniform_cluster_sampler(labels: np.ndarray, num_draws: int, seed: int) -> np
     per = -(-num_draws // len(nonempty))
     j = np.arange(per)
     pos = starts[:, None] + j[None, :] % sizes[nonempty][:, None]
-    draws = order[pos.ravel()]
-    return draws[rng.permutation(len(draws))[:num_draws]]
+    # Round by round, clusters in random order, so cutting to num_draws leaves counts within one.
+    draws = order[pos[rng.permutation(len(nonempty))].T.ravel()[:num_draws]]
+    return draws[rng.permutation(len(draws))]
 
 
 def rank_slice(draws: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:

@@ -1,0 +1,392 @@
+"""Shards, reader, sampler, augmentation and models: what feeds the DeepCluster epoch."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cluster_pipeline.config import ARCHS, ModelConfig
+from cluster_pipeline.data.augment import random_resized_crop
+from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
+from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
+from cluster_pipeline.data.shards import (
+    INDEX_FILE,
+    SAMPLES_FILE,
+    Source,
+    iter_webdataset,
+    write_shards,
+)
+from cluster_pipeline.models import build_model, reset_head
+
+N_SAMPLES = 23
+PER_SHARD = 5  # does not divide 23: shards of 5, 5, 5, 5, 3
+SIZE = 8
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_source(
+    n: int = N_SAMPLES, channels: int = 1, seed: int = 0
+) -> tuple[Source, np.ndarray]:
+    """A Source of random PNG images and the (n, SIZE, SIZE, channels) pixels it encodes."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(n, SIZE, SIZE, channels), dtype=np.uint8)
+    images = [png(p[..., 0] if channels == 1 else p) for p in pixels]
+    labels = rng.integers(0, 3, size=n).astype(np.int64)
+    return Source(images, ["png"] * n, labels, ["a", "b", "c"]), pixels
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> tuple[Path, Source, np.ndarray]:
+    source, pixels = random_source()
+    out = tmp_path / "shards"
+    write_shards(source, out, samples_per_shard=PER_SHARD)
+    return out, source, pixels
+
+
+# ------------------------------------------------------------------------------ writing shards
+
+
+def test_write_shards_index_counts(shards):
+    out, source, _ = shards
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert index["num_samples"] == N_SAMPLES
+    assert index["classes"] == ["a", "b", "c"]
+    assert [s["count"] for s in index["shards"]] == [5, 5, 5, 5, 3]
+    assert [s["first_index"] for s in index["shards"]] == [0, 5, 10, 15, 20]
+    for s in index["shards"]:
+        assert (out / s["name"]).stat().st_size == s["bytes"]
+    table = np.load(out / SAMPLES_FILE)
+    assert table.shape == (N_SAMPLES, 4)
+    np.testing.assert_array_equal(table[:, 0], np.arange(N_SAMPLES) // PER_SHARD)
+    np.testing.assert_array_equal(table[:, 2], [len(b) for b in source.images])
+    np.testing.assert_array_equal(table[:, 3], source.labels)
+
+    loaded = ShardIndex.load(out)
+    assert loaded.num_samples == N_SAMPLES
+    np.testing.assert_array_equal(loaded.shard_counts, [5, 5, 5, 5, 3])
+    np.testing.assert_array_equal(loaded.labels, source.labels)
+
+
+def test_samples_table_points_at_the_image_bytes(shards):
+    out, source, _ = shards
+    index = ShardIndex.load(out)
+    for i, (shard, offset, size, _) in enumerate(index.samples):
+        with open(out / index.shard_names[shard], "rb") as fh:
+            fh.seek(offset)
+            assert fh.read(size) == source.images[i]
+
+
+def test_shards_are_readable_by_webdataset(shards):
+    out, source, pixels = shards
+    samples = list(iter_webdataset(out))
+    assert [s["__key__"] for s in samples] == [f"{i:09d}" for i in range(N_SAMPLES)]
+    for i, s in enumerate(samples):
+        assert int(s["idx"]) == i
+        assert int(s["cls"]) == source.labels[i]
+        assert s["png"] == source.images[i]
+        decoded = np.asarray(Image.open(io.BytesIO(s["png"])))
+        np.testing.assert_array_equal(decoded, pixels[i, ..., 0])
+
+
+def test_unknown_class_is_minus_one_and_has_no_cls_member(tmp_path: Path):
+    source, _ = random_source(n=7)
+    source.labels[3] = -1
+    write_shards(source, tmp_path, samples_per_shard=3)
+    index = ShardIndex.load(tmp_path)
+    assert index.samples[3, 3] == -1
+    assert index.labels is None  # truth is unknown, so no NMI against it
+    samples = list(iter_webdataset(tmp_path))
+    assert "cls" not in samples[3]
+    assert all("cls" in s for j, s in enumerate(samples) if j != 3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sample_reader_returns_source_pixels(tmp_path: Path, channels: int):
+    source, pixels = random_source(channels=channels, seed=channels)
+    write_shards(source, tmp_path, samples_per_shard=PER_SHARD)
+    reader = SampleReader(ShardIndex.load(tmp_path), load_size=SIZE, channels=channels)
+    try:
+        for i in range(N_SAMPLES):
+            img = reader.read(i)
+            assert img.shape == (SIZE, SIZE, channels) and img.dtype == np.uint8
+            np.testing.assert_array_equal(img, pixels[i])
+        order = np.array([22, 0, 7, 13, 7])
+        np.testing.assert_array_equal(reader.read_batch(order), pixels[order])
+    finally:
+        reader.close()
+
+
+def test_sample_reader_resizes_to_load_size(shards):
+    out, _, _ = shards
+    reader = SampleReader(ShardIndex.load(out), load_size=4, channels=1)
+    try:
+        assert reader.read(5).shape == (4, 4, 1)
+    finally:
+        reader.close()
+
+
+# --------------------------------------------------------------------------------- corruption
+
+
+def test_truncated_shard_fails_index_load_naming_the_file(shards):
+    out, _, _ = shards
+    victim = out / "shard-000001.tar"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=r"shard-000001\.tar"):
+        ShardIndex.load(out)
+
+
+def test_truncated_shard_after_index_load_fails_read_naming_shard_and_sample(shards):
+    out, _, _ = shards
+    index = ShardIndex.load(out)
+    last = 22  # the last sample of the last shard
+    victim = out / index.shard_names[index.samples[last, 0]]
+    victim.write_bytes(victim.read_bytes()[: int(index.samples[last, 1]) + 10])
+    reader = SampleReader(index, load_size=SIZE, channels=1)
+    try:
+        with pytest.raises(ShardError, match=r"shard-000004\.tar.*truncated at sample 22"):
+            reader.read(last)
+    finally:
+        reader.close()
+
+
+def test_overwritten_image_bytes_fail_read_naming_shard_and_key(shards):
+    out, _, pixels = shards
+    index = ShardIndex.load(out)
+    i = 7
+    shard, offset, size, _ = (int(v) for v in index.samples[i])
+    path = out / index.shard_names[shard]
+    before = path.stat().st_size
+    with open(path, "r+b") as fh:  # same size: index.json's byte count still matches
+        fh.seek(offset)
+        fh.write(bytes(size))
+    assert path.stat().st_size == before
+    reader = SampleReader(ShardIndex.load(out), load_size=SIZE, channels=1)
+    try:
+        with pytest.raises(ShardError, match=r"shard-000001\.tar.*000000007"):
+            reader.read(i)
+        np.testing.assert_array_equal(reader.read(8), pixels[8])  # neighbours still read
+    finally:
+        reader.close()
+
+
+def test_sample_at_wrong_offset_fails_read_naming_expected_key(shards):
+    out, _, _ = shards
+    table = np.load(out / SAMPLES_FILE)
+    table[6, 1:3] = table[7, 1:3]  # sample 6 now points at sample 7's bytes
+    np.save(out / SAMPLES_FILE, table)
+    reader = SampleReader(ShardIndex.load(out), load_size=SIZE, channels=1)
+    try:
+        with pytest.raises(ShardError, match=r"shard-000001\.tar.*000000006.*000000007"):
+            reader.read(6)
+    finally:
+        reader.close()
+
+
+def test_missing_shard_fails_index_load_naming_it(shards):
+    out, _, _ = shards
+    (out / "shard-000002.tar").unlink()
+    with pytest.raises(ShardError, match=r"shard-000002\.tar is missing"):
+        ShardIndex.load(out)
+
+
+def test_missing_index_fails_naming_it(tmp_path: Path):
+    with pytest.raises(ShardError, match=r"index\.json"):
+        ShardIndex.load(tmp_path)
+
+
+def test_digits_shards_fixture_reads_back(digits_shards: Path):
+    index = ShardIndex.load(digits_shards)
+    assert index.num_samples == 1797
+    np.testing.assert_array_equal(index.shard_counts, [500, 500, 500, 297])
+    reader = SampleReader(index, load_size=8, channels=1)
+    try:
+        assert reader.read(1796).shape == (8, 8, 1)
+    finally:
+        reader.close()
+
+
+# ------------------------------------------------------------------------------------ sampler
+
+
+def unbalanced_labels() -> np.ndarray:
+    """One cluster of 900 and nine of 10, in a shuffled order."""
+    labels = np.concatenate([np.zeros(900, np.int64)] + [np.full(10, c) for c in range(1, 10)])
+    return np.random.default_rng(0).permutation(labels)
+
+
+# Counts stay within one even when the number of clusters does not divide num_draws.
+@pytest.mark.parametrize("num_draws", [1000, 1001, 1234])
+def test_uniform_sampler_counts_per_cluster_equal_within_one(num_draws: int):
+    labels = unbalanced_labels()
+    for seed in range(20):
+        draws = uniform_cluster_sampler(labels, num_draws, seed)
+        assert len(draws) == num_draws
+        counts = np.bincount(labels[draws], minlength=10)
+        assert counts.max() - counts.min() <= 1, (seed, counts.tolist())
+
+
+def test_uniform_sampler_cycles_small_clusters_and_does_not_repeat_large_ones():
+    labels = unbalanced_labels()
+    draws = uniform_cluster_sampler(labels, 1000, seed=3)
+    big = draws[labels[draws] == 0]
+    assert len(np.unique(big)) == len(big) == 100  # 100 distinct members of the big cluster
+    for c in range(1, 10):  # each small-cluster member drawn exactly 10 times
+        members, counts = np.unique(draws[labels[draws] == c], return_counts=True)
+        np.testing.assert_array_equal(members, np.flatnonzero(labels == c))
+        np.testing.assert_array_equal(counts, 10)
+
+
+def test_uniform_sampler_is_deterministic_for_a_seed():
+    labels = unbalanced_labels()
+    a = uniform_cluster_sampler(labels, 1000, seed=7)
+    b = uniform_cluster_sampler(labels, 1000, seed=7)
+    c = uniform_cluster_sampler(labels, 1000, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_uniform_sampler_ignores_empty_cluster_ids():
+    rng = np.random.default_rng(1)
+    labels = rng.choice([0, 3, 7], size=300, p=[0.8, 0.15, 0.05])  # ids 1, 2, 4, 5, 6 empty
+    draws = uniform_cluster_sampler(labels, 300, seed=0)
+    assert draws.min() >= 0 and draws.max() < len(labels)
+    counts = np.bincount(labels[draws], minlength=8)
+    np.testing.assert_array_equal(counts, [100, 0, 0, 100, 0, 0, 0, 100])
+
+
+@pytest.mark.parametrize(("world", "batch_size"), [(1, 16), (2, 16), (3, 7), (4, 32)])
+def test_rank_slice_equal_steps_on_every_rank(world: int, batch_size: int):
+    draws = uniform_cluster_sampler(unbalanced_labels(), 1003, seed=0)
+    parts = [rank_slice(draws, r, world, batch_size) for r in range(world)]
+    lengths = {len(p) for p in parts}
+    assert len(lengths) == 1
+    length = lengths.pop()
+    assert length % batch_size == 0
+    assert length == (1003 // (world * batch_size)) * batch_size
+    assert length > 0
+    # The ranks take disjoint positions of the global draws.
+    positions = np.concatenate([np.arange(r, 1003, world)[:length] for r in range(world)])
+    assert len(np.unique(positions)) == len(positions)
+    for r, p in enumerate(parts):
+        np.testing.assert_array_equal(p, draws[r::world][:length])
+
+
+# ------------------------------------------------------------------------------- augmentation
+
+
+def test_random_resized_crop_output_shape():
+    x = torch.rand(5, 3, 20, 20)
+    gen = torch.Generator().manual_seed(0)
+    out = random_resized_crop(x, 12, min_scale=0.08, flip=True, generator=gen)
+    assert out.shape == (5, 3, 12, 12)
+    assert torch.isfinite(out).all()
+
+
+def test_random_resized_crop_full_scale_square_is_identity():
+    x = torch.rand(4, 2, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    out = random_resized_crop(x, 16, min_scale=1.0, flip=False, generator=gen, ratio=(1.0, 1.0))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_random_resized_crop_flip_gives_input_or_mirror():
+    x = torch.rand(32, 1, 10, 10)
+    gen = torch.Generator().manual_seed(1)
+    out = random_resized_crop(x, 10, min_scale=1.0, flip=True, generator=gen, ratio=(1.0, 1.0))
+    flipped = 0
+    for i in range(len(x)):
+        same = torch.allclose(out[i], x[i], atol=1e-5)
+        mirror = torch.allclose(out[i], x[i].flip(-1), atol=1e-5)
+        assert same != mirror, i  # exactly one of the two (random images are not symmetric)
+        flipped += mirror
+    assert 0 < flipped < len(x)  # both outcomes occur in 32 samples
+
+
+def test_random_resized_crop_is_deterministic_for_a_generator_seed():
+    x = torch.rand(6, 3, 16, 16)
+    a = random_resized_crop(x, 8, 0.2, True, torch.Generator().manual_seed(5))
+    b = random_resized_crop(x, 8, 0.2, True, torch.Generator().manual_seed(5))
+    c = random_resized_crop(x, 8, 0.2, True, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(a, c)
+
+
+# ------------------------------------------------------------------------------------- models
+
+MODEL_INPUTS = {  # arch: (channels, image size, batch)
+    "small_cnn": (1, 28, 4),
+    "alexnet_bn": (3, 224, 2),
+    "resnet18": (3, 64, 2),
+    "resnet50": (3, 64, 2),
+}
+FEATURE_DIMS = {"small_cnn": 128, "alexnet_bn": 4096, "resnet18": 512, "resnet50": 2048}
+
+
+def test_every_arch_has_a_model_test():
+    assert set(MODEL_INPUTS) == set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_build_model_feature_shape(arch: str):
+    channels, size, batch = MODEL_INPUTS[arch]
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch), in_channels=channels, num_classes=7).eval()
+    assert model.feature_dim == FEATURE_DIMS[arch]
+    x = torch.rand(batch, channels, size, size)
+    with torch.no_grad():
+        feats = model.features(x)
+        logits = model(x)
+    assert feats.shape == (batch, model.feature_dim)
+    assert logits.shape == (batch, 7)
+    assert torch.isfinite(feats).all()
+    for name in model.layer_names:
+        assert isinstance(getattr(model, name), torch.nn.Module)
+
+
+def test_reset_head_same_seed_same_head_different_seed_different():
+    cfg = ModelConfig(arch="small_cnn", width=8)
+    a = build_model(cfg, 1, 10)
+    b = build_model(cfg, 1, 10)
+    reset_head(a, torch.Generator().manual_seed(42))
+    reset_head(b, torch.Generator().manual_seed(42))
+    torch.testing.assert_close(a.head.weight, b.head.weight, atol=0, rtol=0)
+    assert torch.count_nonzero(a.head.bias) == 0
+    assert a.head.weight.std().item() == pytest.approx(0.01, rel=0.3)
+    weight_param = b.head.weight
+    reset_head(b, torch.Generator().manual_seed(43))
+    assert b.head.weight is weight_param  # in place: DDP's registered Parameter stays valid
+    assert not torch.allclose(a.head.weight, b.head.weight)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sobel_input_layer_is_frozen(channels: int):
+    model = build_model(ModelConfig(arch="small_cnn", sobel=True, width=8), channels, 5)
+    params = list(model.input_layer.parameters())
+    assert len(params) == (2 if channels == 3 else 1)  # gray conv (RGB only) + Sobel conv
+    assert not any(p.requires_grad for p in params)
+    assert all(p.requires_grad for p in model.block1.parameters())
+    x = torch.rand(2, channels, 28, 28)
+    edges = model.input_layer(x)
+    assert edges.shape == (2, 2, 28, 28)  # grayscale, then x and y gradients
+    flat = model.input_layer(torch.full((1, channels, 28, 28), 0.7))
+    torch.testing.assert_close(flat[..., 1:-1, 1:-1], torch.zeros(1, 2, 26, 26))  # no edges
+    assert model.features(x).shape == (2, 128)
+
+
+def test_no_sobel_input_layer_is_identity():
+    model = build_model(ModelConfig(arch="small_cnn", sobel=False, width=8), 1, 5)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(model.input_layer(x), x)
