@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -220,6 +221,11 @@ def validate_against_data(cfg: Config, num_samples: int, feature_dim: int, world
         raise ConfigError(
             f"cluster.pca_dim={cfg.cluster.pca_dim} exceeds the {num_samples} samples; "
             "lower cluster.pca_dim"
+        )
+    if cfg.model.sync_bn and world > 1 and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.sync_bn=true needs CUDA (SyncBatchNorm rejects CPU tensors); "
+            "set model.sync_bn=false for CPU runs"
         )
     samples = cfg.train.samples_per_epoch or num_samples
     if samples < cfg.train.batch_size * world:

@@ -155,10 +155,10 @@ def gather_features(
         )
     out: np.ndarray | None = None
     bad: RuntimeError | None = None
+    seen = np.zeros(num_samples, dtype=np.int64)
     if ctx.is_main:
         out = np.empty((num_samples, d), dtype=np.float32)
-        seen = np.bincount(index, minlength=num_samples)
-        out[index] = feats
+        bad = _place_rows(out, seen, index, feats, 0)
     chunk_rows = max(1, GATHER_CHUNK_BYTES // max(1, 4 * d))
     dev = _comm_device(ctx)
     for src in range(1, ctx.world):
@@ -180,9 +180,9 @@ def gather_features(
                 m = min(chunk_rows, n - s)
                 view = buf[:m]
                 tdist.recv(view, src=src)
-                out[idx[s : s + m]] = view.cpu().numpy()
-            seen += np.bincount(idx, minlength=num_samples)
-    if ctx.is_main and not np.all(seen == 1):
+                if bad is None:
+                    bad = _place_rows(out, seen, idx[s : s + m], view.cpu().numpy(), src)
+    if ctx.is_main and bad is None and not np.all(seen == 1):
         missing, dup = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
         bad = RuntimeError(
             f"extraction did not read every sample exactly once: {len(missing)} missing "
@@ -196,8 +196,25 @@ def gather_features(
     if bad is not None:
         raise bad
     if status[0]:
-        raise RuntimeError("rank 0 found that extraction did not read every sample exactly once")
+        raise RuntimeError(
+            "rank 0 found that extraction did not read every sample exactly once, or read "
+            "indices outside 0..N-1; see logs/rank0.log"
+        )
     return out
+
+
+def _place_rows(
+    out: np.ndarray, seen: np.ndarray, index: np.ndarray, rows: np.ndarray, src: int
+) -> RuntimeError | None:
+    """Write `rows` at their sample indices; an index outside 0..N-1 is an error naming the rank."""
+    if len(index) and (index.min() < 0 or index.max() >= len(out)):
+        return RuntimeError(
+            f"rank {src} sent sample indices in [{index.min()}, {index.max()}], outside "
+            f"0..{len(out) - 1}; its shards do not match the index"
+        )
+    out[index] = rows
+    seen += np.bincount(index, minlength=len(out))
+    return None
 
 
 def broadcast_labels(ctx: DistContext, labels: np.ndarray | None, num_samples: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import socket
@@ -25,6 +26,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
     )  # fmt: skip
+    # A spawned child inherits "spawn" as its default start method; a torchrun rank starts with
+    # the platform default (fork on Linux), so its DataLoader workers must not be spawned here.
+    multiprocessing.set_start_method(None, force=True)
     try:
         result: Any = ("ok", fn(rank, world, *args))
     except BaseException as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster_pipeline.config import (
     ARCHS,
@@ -161,3 +162,11 @@ def test_validate_against_data_batch_too_large():
     cfg_spe = load_config(DIGITS, ["train.batch_size=64", "train.samples_per_epoch=100"])
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
         validate_against_data(cfg_spe, num_samples=1797, feature_dim=128, world=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="SyncBatchNorm is valid with CUDA")
+def test_sync_bn_without_cuda_is_a_clear_error() -> None:
+    cfg = load_config(REPO / "configs" / "digits_test.yaml", ["model.sync_bn=true"])
+    with pytest.raises(ConfigError, match=r"model\.sync_bn=true needs CUDA"):
+        validate_against_data(cfg, 1797, 128, world=2)
+    validate_against_data(cfg, 1797, 128, world=1)  # one process: nothing to synchronize

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,17 @@ def test_missing_shard_fails_index_load_naming_it(shards):
 def test_missing_index_fails_naming_it(tmp_path: Path):
     with pytest.raises(ShardError, match=r"index\.json"):
         ShardIndex.load(tmp_path)
+
+
+def test_reader_pickles_without_its_open_files(shards):
+    """Workers started by spawn or forkserver get a copy with no file descriptors of the parent."""
+    out, _, pixels = shards
+    reader = SampleReader(ShardIndex.load(out), load_size=8, channels=1)
+    reader.read(0)
+    assert reader._fds
+    copy = pickle.loads(pickle.dumps(reader))
+    assert copy._fds == {}
+    np.testing.assert_array_equal(copy.read(3), pixels[3])
 
 
 def test_digits_shards_fixture_reads_back(digits_shards: Path):

@@ -113,6 +113,12 @@ class SampleReader:
             self._fds[shard] = os.open(self.index.root / self.index.shard_names[shard], os.O_RDONLY)
         return self._fds[shard]
 
+    def __getstate__(self) -> dict:
+        """Workers started by spawn/forkserver open their own files: descriptors do not travel."""
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        return state
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
