@@ -65,4 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, FileNotFoundError) as exc:
         print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BaseException:
+        if logging.getLogger().handlers:  # the run's logs/rank<N>.log: keep the traceback there
+            log.exception("cluster-pipeline %s failed", args.command)
+        raise
     return 0

@@ -35,7 +35,9 @@ def extract_features(
     was_training = model.training
     model.eval()
     try:
-        loader = batch_loader(reader, indices, cfg.data.extract_batch_size, cfg.data.num_workers)
+        loader = batch_loader(
+            reader, indices, cfg.data.extract_batch_size, cfg.data.num_workers, cfg.dist.timeout_s
+        )
         pos = 0
         bar = tqdm(
             loader, desc="extract", disable=not (ctx.is_main and cfg.run.progress), leave=False

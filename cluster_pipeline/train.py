@@ -139,7 +139,9 @@ def train_one_epoch(
     model.train()
     total = torch.zeros((), device=ctx.device)
     steps = 0
-    loader = batch_loader(reader, mine, cfg.train.batch_size, cfg.data.num_workers)
+    loader = batch_loader(
+        reader, mine, cfg.train.batch_size, cfg.data.num_workers, cfg.dist.timeout_s
+    )
     for idx, images in tqdm(loader, desc=f"train {epoch}", leave=False,
                             disable=not (ctx.is_main and cfg.run.progress)):  # fmt: skip
         x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)

@@ -173,22 +173,36 @@ class BatchDataset(Dataset):
 
 
 def batch_loader(
-    reader: SampleReader, indices: np.ndarray, batch_size: int, num_workers: int
+    reader: SampleReader,
+    indices: np.ndarray,
+    batch_size: int,
+    num_workers: int,
+    timeout_s: float = 0,
 ) -> DataLoader:
     """Batches of (sample indices, uint8 NHWC images) in order; each batch read by one worker.
 
     The DataLoader hands each item to exactly one worker, so within a rank every index in
-    `indices` is read exactly once whatever the number of workers.
+    `indices` is read exactly once whatever the number of workers. Workers come from a
+    forkserver: forking a rank that runs gloo, tqdm and OpenMP threads can deadlock the child
+    (CPython gh-112275), which would stall every rank until the collective timeout. A batch that
+    takes more than `timeout_s` (0: no limit) is an error rather than a silent stall.
     """
     batches = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
+    workers: dict = {}
+    if num_workers > 0:
+        torch.multiprocessing.set_forkserver_preload(["torch", __name__])
+        workers = {
+            "multiprocessing_context": "forkserver",
+            "prefetch_factor": 4,
+            "timeout": timeout_s,
+        }
     return DataLoader(
         BatchDataset(reader, batches),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
-        persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers > 0 else None,
+        **workers,
     )
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks, not tests: each prints what it measured and records it in BENCHMARKS.md."""
