@@ -14,7 +14,7 @@ from PIL import Image
 
 from cluster_pipeline.config import ARCHS, ModelConfig
 from cluster_pipeline.data.augment import random_resized_crop
-from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
+from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex, batch_loader
 from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
 from cluster_pipeline.data.shards import (
     INDEX_FILE,
@@ -402,3 +402,13 @@ def test_no_sobel_input_layer_is_identity():
     model = build_model(ModelConfig(arch="small_cnn", sobel=False, width=8), 1, 5)
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(model.input_layer(x), x)
+
+
+def test_batch_loader_workers_come_from_a_forkserver_with_a_timeout(digits_shards: Path):
+    """Forked workers of a threaded rank can deadlock (CPython gh-112275); a stall must error."""
+    reader = SampleReader(ShardIndex.load(digits_shards), load_size=8, channels=1)
+    loader = batch_loader(reader, np.arange(300), batch_size=128, num_workers=2, timeout_s=30)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert loader.timeout == 30
+    seen = np.concatenate([idx.numpy() for idx, _ in loader])
+    np.testing.assert_array_equal(seen, np.arange(300))
