@@ -155,10 +155,12 @@ def gather_features(
         )
     out: np.ndarray | None = None
     bad: RuntimeError | None = None
-    seen = np.zeros(num_samples, dtype=np.int64)
+    seen = np.zeros(num_samples if ctx.is_main else 0, dtype=np.int64)
     if ctx.is_main:
         out = np.empty((num_samples, d), dtype=np.float32)
-        bad = _place_rows(out, seen, index, feats, 0)
+        bad = _count_indices(seen, index, 0)
+        if bad is None:
+            out[index] = feats
     chunk_rows = max(1, GATHER_CHUNK_BYTES // max(1, 4 * d))
     dev = _comm_device(ctx)
     for src in range(1, ctx.world):
@@ -175,13 +177,14 @@ def gather_features(
             idx_t = torch.empty(n, dtype=torch.int64, device=dev)
             tdist.recv(idx_t, src=src)
             idx = idx_t.cpu().numpy()
+            bad = bad or _count_indices(seen, idx, src)
             buf = torch.empty((min(chunk_rows, n), d), dtype=torch.float32, device=dev)
             for s in range(0, n, chunk_rows):
                 m = min(chunk_rows, n - s)
                 view = buf[:m]
                 tdist.recv(view, src=src)
-                if bad is None:
-                    bad = _place_rows(out, seen, idx[s : s + m], view.cpu().numpy(), src)
+                if bad is None:  # after an error the chunks are still received, then dropped
+                    out[idx[s : s + m]] = view.cpu().numpy()
     if ctx.is_main and bad is None and not np.all(seen == 1):
         missing, dup = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
         bad = RuntimeError(
@@ -203,17 +206,14 @@ def gather_features(
     return out
 
 
-def _place_rows(
-    out: np.ndarray, seen: np.ndarray, index: np.ndarray, rows: np.ndarray, src: int
-) -> RuntimeError | None:
-    """Write `rows` at their sample indices; an index outside 0..N-1 is an error naming the rank."""
-    if len(index) and (index.min() < 0 or index.max() >= len(out)):
+def _count_indices(seen: np.ndarray, index: np.ndarray, src: int) -> RuntimeError | None:
+    """Add one rank's sample indices to `seen`, once per rank; out of 0..N-1 is an error."""
+    if len(index) and (index.min() < 0 or index.max() >= len(seen)):
         return RuntimeError(
             f"rank {src} sent sample indices in [{index.min()}, {index.max()}], outside "
-            f"0..{len(out) - 1}; its shards do not match the index"
+            f"0..{len(seen) - 1}; its shards do not match the index"
         )
-    out[index] = rows
-    seen += np.bincount(index, minlength=len(out))
+    seen += np.bincount(index, minlength=len(seen))
     return None
 
 

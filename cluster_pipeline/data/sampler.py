@@ -11,7 +11,8 @@ def uniform_cluster_sampler(labels: np.ndarray, num_draws: int, seed: int) -> np
     DeepCluster's remedy for trivial parametrization: each non-empty cluster contributes
     ceil(num_draws / k_nonempty) draws, taken without replacement from a shuffle of its members
     and cycling through them again only when the cluster is smaller than its share; cutting to
-    `num_draws` leaves per-cluster counts equal within one. The result is shuffled. Vectorized: no Python loop over samples or clusters.
+    `num_draws` leaves per-cluster counts equal within one. The result is shuffled.
+    Vectorized: no Python loop over samples or clusters.
     """
     rng = np.random.default_rng(seed)
     order = np.lexsort((rng.random(len(labels)), labels))  # members grouped, shuffled within
