@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test lint format bench bench-quality clean
+.PHONY: venv demo demo-shards test lint format bench bench-quality launch clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,22 @@ demo-shards: data/mnist5k/index.json
 # DeepCluster on MNIST-5k, 2 local ranks (torchrun, gloo), about 3 minutes on 2 CPU cores.
 demo: data/mnist5k/index.json
 	$(PY) -m launch.local --nproc $(NPROC) train --config configs/demo_mnist.yaml
+
+# Submit to SLURM through submitit (launch/slurm.py). Every variable is optional and overrides
+# the config's slurm section: NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK MEM_GB TIME
+# (minutes) PARTITION ACCOUNT QOS CONSTRAINT SIGNAL_DELAY_S MAX_TIMEOUTS; RUN_DIR names the run
+# directory; RESUME=<run dir> resubmits a run from its last checkpoint; OVERRIDES="k=v ...".
+CONFIG ?= configs/demo_mnist.yaml
+SLURM_VARS := NODES=nodes GPUS_PER_NODE=gpus_per_node TASKS_PER_NODE=tasks_per_node \
+	CPUS_PER_TASK=cpus_per_task MEM_GB=mem_gb TIME=timeout_min PARTITION=partition \
+	ACCOUNT=account QOS=qos CONSTRAINT=constraint SIGNAL_DELAY_S=signal_delay_s \
+	MAX_TIMEOUTS=max_num_timeout
+LAUNCH_ARGS = $(if $(RESUME),--resume $(RESUME),--config $(CONFIG)) \
+	$(foreach v,$(SLURM_VARS),$(if $($(firstword $(subst =, ,$(v)))),slurm.$(lastword $(subst =, ,$(v)))=$($(firstword $(subst =, ,$(v)))))) \
+	$(if $(RUN_DIR),run.dir=$(RUN_DIR)) $(OVERRIDES)
+
+launch: $(STAMP)
+	$(PY) -m launch.slurm $(LAUNCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

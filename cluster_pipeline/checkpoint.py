@@ -12,11 +12,21 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PATTERN = re.compile(r"^checkpoint-(\d{6})\.pt$")
+# checkpoint-EEEEEE.pt: before epoch E starts; checkpoint-EEEEEE-SSSSSSS.pt: epoch E clustered
+# and S training steps taken.
+PATTERN = re.compile(r"^checkpoint-(\d{6})(?:-(\d{7}))?\.pt$")
 
 
-def checkpoint_path(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"checkpoint-{epoch:06d}.pt"
+def checkpoint_path(run_dir: Path, epoch: int, step: int | None = None) -> Path:
+    """Where the state before `epoch` (step None), or within it after `step` steps, is saved."""
+    name = f"checkpoint-{epoch:06d}" + ("" if step is None else f"-{step:07d}")
+    return run_dir / "checkpoints" / f"{name}.pt"
+
+
+def _position(path: Path) -> tuple[int, int]:
+    m = PATTERN.match(path.name)
+    assert m is not None
+    return int(m[1]), -1 if m[2] is None else int(m[2])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -24,7 +34,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if PATTERN.match(p.name))
+    return sorted((p for p in folder.iterdir() if PATTERN.match(p.name)), key=_position)
 
 
 def _fsync_dir(path: Path) -> None:

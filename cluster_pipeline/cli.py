@@ -11,13 +11,19 @@ from .config import ConfigError, load_config
 from .data.reader import ShardError
 from .data.shards import load_source, write_shards
 from .extract import run_extract
+from .stop import StopFlag, Stopped
 from .train import run_deepcluster
 
 log = logging.getLogger("cluster_pipeline")
 
+# Exit status of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL).
+EXIT_STOPPED = 75
+
 
 def cmd_make_shards(args: argparse.Namespace) -> None:
-    index = write_shards(load_source(args.source), args.out, args.samples_per_shard)
+    index = write_shards(
+        load_source(args.source), args.out, args.samples_per_shard, workers=args.workers
+    )
     print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to {args.out}")
 
 
@@ -29,7 +35,9 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    run_dir = run_deepcluster(cfg)
+    flag = StopFlag()
+    flag.install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, then exit 75
+    run_dir = run_deepcluster(cfg, flag)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {run_dir}\nreport: {run_dir / 'report.png'}")
 
@@ -42,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="mnist5k, digits or imagefolder:PATH")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     p.set_defaults(func=cmd_make_shards)
 
     for name, func, text in (
@@ -65,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, FileNotFoundError) as exc:
         print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"cluster-pipeline {args.command}: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     except BaseException:
         if logging.getLogger().handlers:  # the run's logs/rank<N>.log: keep the traceback there
             log.exception("cluster-pipeline %s failed", args.command)

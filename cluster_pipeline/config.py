@@ -96,8 +96,12 @@ class TrainConfig:
     seed: int = 0
     # Save a checkpoint every this many epochs (the last epoch is always saved).
     checkpoint_every: int = 1
-    # Number of epoch checkpoints to keep.
+    # Also save within an epoch every this many training steps; 0: only at epoch ends.
+    checkpoint_every_steps: int = 0
+    # Number of checkpoints to keep (epoch and within-epoch ones together).
     keep_checkpoints: int = 2
+    # Training steps between checks whether a rank caught a stop signal (one tiny all-reduce).
+    stop_check_every: int = 5
     # Save the assignments of every epoch in the run directory.
     save_assignments: bool = True
 
@@ -128,6 +132,35 @@ class DistConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """The SLURM job of `make launch` (launch/slurm.py); Make variables override these."""
+
+    nodes: int = 1
+    # One rank per GPU. 0 means a CPU job with `tasks_per_node` ranks per node.
+    gpus_per_node: int = 8
+    # Ranks per node of a CPU job (gpus_per_node=0); ignored when there are GPUs.
+    tasks_per_node: int = 1
+    cpus_per_task: int = 10
+    # Memory per node in GB; 0 leaves the partition's default.
+    mem_gb: int = 0
+    # Walltime of one attempt; on timeout the job checkpoints and requeues itself.
+    timeout_min: int = 4320
+    # Empty means the cluster's default partition; account and qos are passed when given.
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    # SLURM sends USR2 this long before the walltime: time to finish a step and checkpoint.
+    signal_delay_s: int = 120
+    # Requeues after timeouts before the job gives up (preemptions do not count).
+    max_num_timeout: int = 20
+    # Extra sbatch options, e.g. {exclusive: "", reservation: my_resa}.
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    # Job name; empty means the config name.
+    job_name: str = ""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +171,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # The config file's stem, used to name run directories.
     name: str = "run"
 
@@ -193,12 +227,23 @@ def validate_config(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, f"train.batch_size={cfg.train.batch_size} must be >= 1"),
         (cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be >= 1"),
         (cfg.train.samples_per_epoch >= 0, "train.samples_per_epoch must be >= 0"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (cfg.train.stop_check_every >= 1, "train.stop_check_every must be >= 1"),
         (0 < cfg.augment.min_scale <= 1, "augment.min_scale must be in (0, 1]"),
         (
             cfg.wandb.mode in ("auto", "online", "offline", "disabled"),
             f"wandb.mode={cfg.wandb.mode!r}; use auto, online, offline or disabled",
         ),
         (cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0"),
+        (cfg.slurm.nodes >= 1, f"slurm.nodes={cfg.slurm.nodes} must be >= 1"),
+        (cfg.slurm.gpus_per_node >= 0, "slurm.gpus_per_node must be >= 0"),
+        (cfg.slurm.tasks_per_node >= 1, "slurm.tasks_per_node must be >= 1"),
+        (cfg.slurm.cpus_per_task >= 1, "slurm.cpus_per_task must be >= 1"),
+        (cfg.slurm.timeout_min >= 1, "slurm.timeout_min must be >= 1"),
+        (cfg.slurm.signal_delay_s >= 0, "slurm.signal_delay_s must be >= 0"),
+        (cfg.slurm.max_num_timeout >= 0, "slurm.max_num_timeout must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

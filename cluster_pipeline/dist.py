@@ -127,6 +127,28 @@ def on_rank0(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T | None:
     return result
 
 
+def max_over_ranks(ctx: DistContext, value: int) -> int:
+    """The largest of the ranks' `value`s, e.g. whether any rank caught a stop signal.
+
+    Collective: call on every rank.
+    """
+    if not ctx.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device(ctx))
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_floats(ctx: DistContext, value: float) -> np.ndarray:
+    """Each rank's float64 `value`, in rank order. Collective: call on every rank."""
+    if not ctx.distributed:
+        return np.array([value], dtype=np.float64)
+    mine = torch.tensor([value], dtype=torch.float64, device=_comm_device(ctx))
+    out = [torch.zeros_like(mine) for _ in range(ctx.world)]
+    tdist.all_gather(out, mine)
+    return torch.cat(out).cpu().numpy()
+
+
 def all_reduce_sum(ctx: DistContext, values: np.ndarray) -> np.ndarray:
     """Element-wise sum over ranks of a small float64 vector. Collective: call on every rank."""
     if not ctx.distributed:
@@ -249,6 +271,20 @@ def broadcast_string(ctx: DistContext, text: str | None) -> str:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     tdist.broadcast(buf, src=0)
     return bytes(buf.cpu().numpy()).decode()
+
+
+def broadcast_buffers(ctx: DistContext, model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step
+    every rank holds the statistics of its own last batch; features extracted with those
+    would depend on the rank that read the sample. Collective: call on every rank.
+    """
+    if not ctx.distributed:
+        return
+    for buf in model.buffers():
+        if ctx.device.type == "cuda" or buf.device.type == "cpu":
+            tdist.broadcast(buf.data, src=0)
 
 
 def wrap_ddp(ctx: DistContext, model: nn.Module, sync_bn: bool = False) -> nn.Module:

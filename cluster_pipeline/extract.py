@@ -28,6 +28,7 @@ def extract_features(
     A failure on any rank (a bad shard, say) is raised on every rank rather than leaving the
     others waiting in the gather. Collective: call on every rank.
     """
+    dist.broadcast_buffers(ctx, model)  # every rank extracts with rank 0's BatchNorm statistics
     indices = rank_partition(reader.index.num_samples, ctx.rank, ctx.world)
     feats = np.empty((len(indices), model.feature_dim), dtype=np.float32)
     seen = np.empty(len(indices), dtype=np.int64)

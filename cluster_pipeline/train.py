@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,66 +13,64 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint, dist, kmeans, metrics
-from .config import Config, ConfigError, to_dict, to_yaml
+from . import dist, kmeans, metrics
+from .config import Config, to_dict
 from .data.augment import center_crop, random_resized_crop, to_float
 from .data.reader import SampleReader, batch_loader
 from .data.sampler import rank_slice, uniform_cluster_sampler
 from .extract import extract_features, open_data_and_model
 from .models import ClusterNet, reset_head
 from .rundir import prepare_run_dir
-from .tracking import Tracker, read_metrics, truncate_metrics, write_report
+from .state import Checkpointer, EpochState, resume_state
+from .stop import StopFlag
+from .tracking import Tracker, read_metrics, write_report
 
 log = logging.getLogger(__name__)
 
 
-def run_deepcluster(cfg: Config) -> Path:
-    """Train DeepCluster for cfg.train.epochs, resuming from the run directory's last checkpoint."""
+def run_deepcluster(
+    cfg: Config, flag: StopFlag | None = None, requeue: Callable[[int], bool] | None = None
+) -> Path:
+    """Train DeepCluster for cfg.train.epochs, continuing the run directory's last checkpoint.
+
+    A signal caught by `flag` stops every rank at the next safe point with a checkpoint (and
+    `requeue` on rank 0), raising Stopped. Collective: call on every rank.
+    """
     ctx = dist.init_distributed(cfg.dist.timeout_s)
     run_dir = prepare_run_dir(cfg, ctx)
     index, reader, model = open_data_and_model(cfg, ctx)
     ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
     optimizer = make_optimizer(model, cfg)
-    start = resume(run_dir, cfg, model, optimizer, ctx)
-    tracker = Tracker(run_dir, ctx.is_main, cfg.wandb, to_dict(cfg), start.wandb_id)
-    prev_labels, n = start.labels, index.num_samples
-    for epoch in range(start.epoch, cfg.train.epochs):
-        t = PhaseTimer()
-        with t("extract"):
-            idx, feats = extract_features(model, reader, cfg, ctx)
-        with t("gather"):
-            all_feats = dist.gather_features(ctx, idx, feats, n)
-        with t("cluster"):
-            clusters = dist.on_rank0(ctx, cluster_epoch, all_feats, cfg, epoch)
-        with t("broadcast"):
-            labels = dist.broadcast_labels(ctx, clusters.labels if clusters else None, n)
-        reset_head_and_state(model, optimizer, seed=cfg.train.seed * 7919 + epoch)
+    state, wandb_id, loaded = resume_state(run_dir, cfg, model, optimizer, ctx)
+    tracker = Tracker(run_dir, ctx.is_main, cfg.wandb, to_dict(cfg), wandb_id)
+    saver = Checkpointer(run_dir, cfg, ctx, model, optimizer, tracker, flag or StopFlag(),
+                         requeue, loaded)  # fmt: skip
+    first, n = state.epoch, index.num_samples
+    while state.epoch < cfg.train.epochs:
+        t = state.timer
+        if not state.clustered:
+            with t("extract"):
+                idx, feats = extract_features(model, reader, cfg, ctx)
+            with t("gather"):
+                all_feats = dist.gather_features(ctx, idx, feats, n)
+            saver.stop_if_requested(state)
+            with t("cluster"):
+                clusters = dist.on_rank0(ctx, cluster_epoch, all_feats, cfg, state.epoch)
+            with t("broadcast"):
+                labels = dist.broadcast_labels(ctx, clusters.labels if clusters else None, n)
+            state.start_training(labels, clusters)
+            reset_head_and_state(model, optimizer, seed=cfg.train.seed * 7919 + state.epoch)
         with t("train"):
-            loss, images = train_one_epoch(ddp, optimizer, reader, labels, cfg, ctx, epoch)
-        with t("checkpoint"):
-            dist.on_rank0(ctx, save_epoch, run_dir, cfg, epoch, model, optimizer, labels, tracker)
+            loss, images = train_one_epoch(ddp, optimizer, reader, state, cfg, ctx, saver)
         if ctx.is_main:
-            row = epoch_metrics(epoch, clusters, labels, prev_labels, index.labels, loss, images, t)
+            row = epoch_metrics(state, index.labels, loss, images)
             tracker.log_epoch(row)
-            print_epoch_row(row, header=epoch == start.epoch)
-        prev_labels = labels
-    finish_run(run_dir, ctx, tracker, prev_labels)
+            print_epoch_row(row, header=state.epoch == first)
+        state = state.next_epoch()
+        with state.timer("checkpoint"):
+            saver.end_of_epoch(state)
+    finish_run(run_dir, ctx, tracker, state.prev_labels)
     return run_dir
-
-
-class PhaseTimer:
-    """Wall time per named phase of an epoch (synchronizing CUDA so GPU work is counted)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds[name] = time.perf_counter() - start
 
 
 def cluster_epoch(feats: np.ndarray | None, cfg: Config, epoch: int) -> kmeans.Clustering:
@@ -121,35 +116,52 @@ def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     reader: SampleReader,
-    labels: np.ndarray,
+    state: EpochState,
     cfg: Config,
     ctx: dist.DistContext,
-    epoch: int,
+    saver: Checkpointer,
 ) -> tuple[float, int]:
-    """One pass over draws uniform over clusters; every rank takes the same number of steps.
+    """The epoch's draws, uniform over clusters, from `state.step` on; equal steps on all ranks.
 
     Returns the mean loss over all ranks and the number of images trained on, all ranks.
     Collective: call on every rank.
     """
+    assert state.labels is not None
+    b = cfg.train.batch_size
     num_draws = cfg.train.samples_per_epoch or reader.index.num_samples
-    draws = uniform_cluster_sampler(labels, num_draws, seed=cfg.train.seed * 1_000_003 + epoch)
-    mine = rank_slice(draws, ctx.rank, ctx.world, cfg.train.batch_size)
-    gen = torch.Generator().manual_seed((cfg.train.seed * 1_000_003 + epoch) * 1024 + ctx.rank)
-    targets = torch.from_numpy(labels)
+    draws = uniform_cluster_sampler(state.labels, num_draws, seed=epoch_seed(cfg, state.epoch))
+    mine = rank_slice(draws, ctx.rank, ctx.world, b)
+    targets = torch.from_numpy(state.labels)
+    gen = torch.Generator()
+    total = torch.tensor(state.rank_loss_sum(ctx.rank), dtype=torch.float32, device=ctx.device)
     model.train()
-    total = torch.zeros((), device=ctx.device)
-    steps = 0
-    loader = batch_loader(
-        reader, mine, cfg.train.batch_size, cfg.data.num_workers, cfg.dist.timeout_s
-    )
-    for idx, images in tqdm(loader, desc=f"train {epoch}", leave=False,
+    loader = batch_loader(reader, mine[state.step * b :], b, cfg.data.num_workers,
+                          cfg.dist.timeout_s)  # fmt: skip
+    for idx, images in tqdm(loader, desc=f"train {state.epoch}", leave=False,
                             disable=not (ctx.is_main and cfg.run.progress)):  # fmt: skip
+        saver.at_step(state, total)
+        seed_step(gen, cfg, state.epoch, ctx.rank, state.step)
         x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
         x = augment(x, cfg, gen)
         total += train_step(model, optimizer, x, targets[idx].to(ctx.device))
-        steps += 1
-    summed = dist.all_reduce_sum(ctx, np.array([float(total), steps], dtype=np.float64))
-    return float(summed[0] / max(1.0, summed[1])), int(summed[1]) * cfg.train.batch_size
+        state.step += 1
+    summed = dist.all_reduce_sum(ctx, np.array([float(total), state.step], dtype=np.float64))
+    return float(summed[0] / max(1.0, summed[1])), int(summed[1]) * b
+
+
+def epoch_seed(cfg: Config, epoch: int) -> int:
+    return cfg.train.seed * 1_000_003 + epoch
+
+
+def seed_step(gen: torch.Generator, cfg: Config, epoch: int, rank: int, step: int) -> None:
+    """Seed this step's augmentation (`gen`) and dropout (torch's global RNG) from its position.
+
+    Keying every random draw by (seed, epoch, rank, step) makes a resumed run draw exactly
+    what the uninterrupted one drew, with no RNG state to save.
+    """
+    a, b = np.random.SeedSequence([cfg.train.seed, epoch, rank, step]).generate_state(2, np.uint64)
+    gen.manual_seed(int(a) >> 1)
+    torch.manual_seed(int(b) >> 1)
 
 
 def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
@@ -163,88 +175,24 @@ def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-@dataclass
-class ResumeState:
-    epoch: int = 0
-    labels: np.ndarray | None = None
-    wandb_id: str | None = None
-
-
-def resume(
-    run_dir: Path,
-    cfg: Config,
-    model: ClusterNet,
-    optimizer: torch.optim.Optimizer,
-    ctx: dist.DistContext,
-) -> ResumeState:
-    """Continue from the run directory's newest readable checkpoint, if there is one."""
-    if not checkpoint.list_checkpoints(run_dir):
-        return ResumeState()
-    if not cfg.run.resume:
-        raise ConfigError(
-            f"run directory {run_dir} already has checkpoints and run.resume=false; "
-            "choose another run.dir or set run.resume=true to continue it"
-        )
-    state = checkpoint.load_latest(run_dir)
-    if state is None:
-        raise RuntimeError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if ctx.is_main:
-        truncate_metrics(run_dir, state["epoch"])
-    log.info("resumed %s after epoch %d", run_dir, state["epoch"] - 1)
-    return ResumeState(state["epoch"], state["labels"].numpy(), state.get("wandb_id") or None)
-
-
-def save_epoch(
-    run_dir: Path,
-    cfg: Config,
-    epoch: int,
-    model: ClusterNet,
-    optimizer: torch.optim.Optimizer,
-    labels: np.ndarray,
-    tracker: Tracker,
-) -> None:
-    if cfg.train.save_assignments:
-        (run_dir / "assignments").mkdir(exist_ok=True)
-        np.save(run_dir / "assignments" / f"epoch-{epoch:04d}.npy", labels.astype(np.int32))
-    last = epoch == cfg.train.epochs - 1
-    if last or (epoch + 1) % cfg.train.checkpoint_every == 0:
-        state: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "labels": torch.from_numpy(labels),
-            "wandb_id": tracker.run_id or "",
-            "config": to_yaml(cfg),
-        }
-        path = checkpoint.checkpoint_path(run_dir, epoch)
-        checkpoint.save_atomic(state, path, cfg.train.keep_checkpoints)
-
-
 def epoch_metrics(
-    epoch: int,
-    clusters: kmeans.Clustering | None,
-    labels: np.ndarray,
-    prev: np.ndarray | None,
-    truth: np.ndarray | None,
-    loss: float,
-    images: int,
-    t: PhaseTimer,
+    state: EpochState, truth: np.ndarray | None, loss: float, images: int
 ) -> dict[str, Any]:
+    assert state.labels is not None
+    km, seconds = state.kmeans, state.timer.snapshot()
     row: dict[str, Any] = {
-        "epoch": epoch,
-        "nmi_prev": metrics.nmi(prev, labels),
-        "nmi_gt": metrics.nmi(truth, labels),
-        "ari_gt": metrics.ari(truth, labels),
-        "kmeans_loss": clusters.loss if clusters else None,
-        "n_empty_before_split": clusters.n_empty_before_split if clusters else None,
-        "k": len(clusters.centroids) if clusters else None,
+        "epoch": state.epoch,
+        "nmi_prev": metrics.nmi(state.prev_labels, state.labels),
+        "nmi_gt": metrics.nmi(truth, state.labels),
+        "ari_gt": metrics.ari(truth, state.labels),
+        "kmeans_loss": km.get("loss"),
+        "n_empty_before_split": km.get("n_empty_before_split"),
+        "k": km.get("k"),
         "train_loss": loss,
-        "images_per_s": images / max(t.seconds["train"], 1e-9),
+        "images_per_s": images / max(seconds.get("train", 0.0), 1e-9),
     }
-    row |= metrics.cluster_stats(labels, row["k"] or int(labels.max()) + 1)
-    row |= {f"time_{name}_s": round(s, 4) for name, s in t.seconds.items()}
+    row |= metrics.cluster_stats(state.labels, row["k"] or int(state.labels.max()) + 1)
+    row |= {f"time_{name}_s": round(s, 4) for name, s in seconds.items()}
     return row
 
 

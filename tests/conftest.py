@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a local SLURM cluster)
 
 from cluster_pipeline.data.shards import digits_source, write_shards
 

@@ -29,6 +29,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
     # A spawned child inherits "spawn" as its default start method; a torchrun rank starts with
     # the platform default (fork on Linux), so its DataLoader workers must not be spawned here.
     multiprocessing.set_start_method(None, force=True)
+    # torch was imported (to unpickle fn) before OMP_NUM_THREADS was set: one thread, as a
+    # torchrun rank on this machine has, so results match a torchrun run bit for bit.
+    import torch
+
+    torch.set_num_threads(1)
     try:
         result: Any = ("ok", fn(rank, world, *args))
     except BaseException as exc:

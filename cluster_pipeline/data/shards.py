@@ -17,9 +17,11 @@ import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import webdataset as wds
@@ -37,10 +39,30 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 class Source:
     """Encoded images with optional classes, in a fixed order that defines the sample index."""
 
-    images: list[bytes]
+    images: Sequence[bytes]
     ext: list[str]
     labels: np.ndarray  # int64, -1 where unknown
     classes: list[str]
+
+
+class FileBytes(Sequence[bytes]):
+    """Image files read only when a shard writer asks for them: an ImageNet tree never sits
+    in memory at once."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [p.read_bytes() for p in self.paths[i]]
+        return self.paths[i].read_bytes()
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -88,16 +110,17 @@ def imagefolder_source(root: str | Path) -> Source:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"imagefolder {root} has no class folders (expected root/<class>/<img>)")
-    images, exts, labels = [], [], []
+    images: list[Path] = []
+    exts, labels = [], []
     for c, name in enumerate(classes):
         for f in sorted((root / name).iterdir()):
             if f.suffix.lower() in IMAGE_EXTS:
-                images.append(f.read_bytes())
+                images.append(f)
                 exts.append("png" if f.suffix.lower() == ".png" else "jpg")
                 labels.append(c)
     if not images:
         raise ValueError(f"imagefolder {root} holds no .jpg/.jpeg/.png files")
-    return Source(images, exts, np.asarray(labels, dtype=np.int64), classes)
+    return Source(FileBytes(images), exts, np.asarray(labels, dtype=np.int64), classes)
 
 
 def load_source(spec: str) -> Source:
@@ -119,29 +142,49 @@ def _member_offsets(tar_path: Path, keys: list[str], exts: list[str]) -> list[tu
     return [found[f"{k}.{e}"] for k, e in zip(keys, exts, strict=True)]
 
 
+def _write_shard(source: Source, out: Path, name: str, start: int, stop: int) -> np.ndarray:
+    """One tar of samples start..stop-1; returns their (data offset, size) in the tar."""
+    keys = [f"{i:09d}" for i in range(start, stop)]
+    with wds.TarWriter(str(out / name)) as sink:
+        for i, key in zip(range(start, stop), keys, strict=True):
+            sample = {"__key__": key, source.ext[i]: source.images[i], "idx": str(i)}
+            if source.labels[i] >= 0:
+                sample["cls"] = str(int(source.labels[i]))
+            sink.write(sample)
+    return np.asarray(_member_offsets(out / name, keys, source.ext[start:stop]), dtype=np.int64)
+
+
 def write_shards(
-    source: Source, out: str | Path, samples_per_shard: int = 1000, prefix: str = "shard"
+    source: Source,
+    out: str | Path,
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+    workers: int = 1,
 ) -> dict:
-    """Write `source` as tar shards plus index.json and samples.npy; return the index."""
+    """Write `source` as tar shards plus index.json and samples.npy; return the index.
+
+    `workers` processes write shards side by side (reading and encoding dominate at ImageNet
+    scale); index.json is written last, so an interrupted run leaves no index behind.
+    """
     if samples_per_shard < 1:
         raise ValueError("--samples-per-shard must be >= 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = len(source.images)
-    shards, table = [], np.empty((n, 4), dtype=np.int64)
-    for s, start in enumerate(range(0, n, samples_per_shard)):
-        stop = min(n, start + samples_per_shard)
-        name = f"{prefix}-{s:06d}.tar"
-        keys = [f"{i:09d}" for i in range(start, stop)]
-        with wds.TarWriter(str(out / name)) as sink:
-            for i, key in zip(range(start, stop), keys, strict=True):
-                sample = {"__key__": key, source.ext[i]: source.images[i], "idx": str(i)}
-                if source.labels[i] >= 0:
-                    sample["cls"] = str(int(source.labels[i]))
-                sink.write(sample)
-        offsets = _member_offsets(out / name, keys, source.ext[start:stop])
+    starts = list(range(0, n, samples_per_shard))
+    names = [f"{prefix}-{s:06d}.tar" for s in range(len(starts))]
+    stops = [min(n, start + samples_per_shard) for start in starts]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            offsets = list(pool.map(_write_shard, [source] * len(starts), [out] * len(starts),
+                                    names, starts, stops))  # fmt: skip
+    else:
+        offsets = [_write_shard(source, out, *a) for a in zip(names, starts, stops, strict=True)]
+    table = np.empty((n, 4), dtype=np.int64)
+    shards = []
+    for s, (name, start, stop) in enumerate(zip(names, starts, stops, strict=True)):
         table[start:stop, 0] = s
-        table[start:stop, 1:3] = np.asarray(offsets, dtype=np.int64)
+        table[start:stop, 1:3] = offsets[s]
         table[start:stop, 3] = source.labels[start:stop]
         shards.append(
             {
