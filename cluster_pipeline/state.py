@@ -169,8 +169,9 @@ def resume_state(
 class Checkpointer:
     """Writes the run's checkpoints, and stops every rank together when one caught a signal.
 
-    `requeue(signum)` runs on rank 0 after the stop checkpoint is written and returns whether
-    the job was requeued (under SLURM it is submitit's requeue); None stops without requeue.
+    `requeue(signum)` runs on rank 0 once the stop checkpoint is written and every rank has
+    left the process group (under SLURM: submitit's checkpoint() and `scontrol requeue`; it
+    raises if the job cannot be requeued); None stops without a requeue.
     """
 
     def __init__(
@@ -182,7 +183,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         tracker: Tracker,
         flag: StopFlag,
-        requeue: Callable[[int], bool] | None = None,
+        requeue: Callable[[int], object] | None = None,
         resumed_at: tuple[int, int] | None = None,
     ) -> None:
         self.run_dir, self.cfg, self.ctx = run_dir, cfg, ctx
@@ -254,13 +255,13 @@ class Checkpointer:
 
     def _stop(self, signum: int, state: EpochState, running_loss: torch.Tensor | None) -> NoReturn:
         path = self.save(state, running_loss)
-        requeued = False
-        if self.requeue is not None:
-            done = dist.on_rank0(self.ctx, self.requeue, signum)
-            requeued = bool(dist.max_over_ranks(self.ctx, int(bool(done))))
         log.warning("stopping at epoch %d step %d; checkpoint %s", state.epoch, state.step, path)
         if self.ctx.is_main:
             self.tracker.finish()
         dist.barrier(self.ctx)
         dist.shutdown(self.ctx)
-        raise Stopped(signum, str(path), requeued)
+        # Last: under SLURM a requeue kills the job's processes at once, so nothing may follow
+        # it that needs a peer, W&B's service process or a flush.
+        if self.requeue is not None and self.ctx.is_main:
+            self.requeue(signum)
+        raise Stopped(signum, str(path), requeued=self.requeue is not None)

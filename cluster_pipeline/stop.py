@@ -26,7 +26,7 @@ class Stopped(Exception):
     def __init__(self, signum: int, checkpoint: str, requeued: bool = False) -> None:
         self.signum, self.checkpoint, self.requeued = signum, checkpoint, requeued
         name = signal.Signals(signum).name if signum else "request"
-        then = "the job was requeued" if requeued else "run the same command again to continue"
+        then = "the job is requeued" if requeued else "run the same command again to continue"
         super().__init__(f"stopped on {name}; checkpoint {checkpoint}; {then}")
 
 

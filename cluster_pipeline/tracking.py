@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+# The last epoch W&B confirmed (its run finished cleanly): rows after it are logged again on
+# resume, because a SLURM preemption's SIGTERM kills W&B's service process with rows in flight.
+WANDB_DELIVERED_FILE = "logs/wandb_delivered.json"
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
@@ -54,6 +58,7 @@ class Tracker:
         self.enabled = enabled
         self.run: Any = None
         self.run_id = run_id
+        self.last_logged = -1
         if not enabled or wandb_cfg.mode == "disabled":
             return
         import wandb
@@ -71,6 +76,33 @@ class Tracker:
         )
         self.run_id = self.run.id
         log.info("W&B run %s (%s) in %s", self.run.id, mode, self.run.dir)
+        delivered = self._delivered()
+        for row in read_metrics(run_dir):
+            if row["epoch"] > delivered:
+                self._to_wandb(row)
+
+    def _delivered(self) -> int:
+        path = self.run_dir / WANDB_DELIVERED_FILE
+        return int(json.loads(path.read_text())["epoch"]) if path.is_file() else -1
+
+    def _to_wandb(self, row: dict[str, Any]) -> None:
+        """Log to W&B; if its service died (SIGTERM of a preemption), go on without it."""
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in row.items() if v is not None}, step=row["epoch"])
+            self.last_logged = row["epoch"]
+        except Exception as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: Exception) -> None:
+        log.warning("W&B stopped responding (%s); metrics.jsonl keeps every row, and they go "
+                    "to W&B when the run resumes", exc)  # fmt: skip
+        self.run = None
+        with contextlib.suppress(Exception):
+            import wandb
+
+            wandb.teardown()
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -79,13 +111,21 @@ class Tracker:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if v is not None}, step=row["epoch"])
+        self._to_wandb(row)
 
     def finish(self) -> None:
-        if self.run is not None:
+        if self.run is None:
+            return
+        try:
             self.run.finish()
-            self.run = None
+        except Exception as exc:
+            self._lost(exc)
+            return
+        self.run = None
+        if self.last_logged >= 0:
+            (self.run_dir / WANDB_DELIVERED_FILE).write_text(
+                json.dumps({"epoch": self.last_logged})
+            )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

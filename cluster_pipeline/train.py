@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def run_deepcluster(
-    cfg: Config, flag: StopFlag | None = None, requeue: Callable[[int], bool] | None = None
+    cfg: Config, flag: StopFlag | None = None, requeue: Callable[[int], object] | None = None
 ) -> Path:
     """Train DeepCluster for cfg.train.epochs, continuing the run directory's last checkpoint.
 

@@ -120,9 +120,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                 return True
             return False
 
+        node = os.environ.get("SLURMD_NODENAME", env.hostname)
         print(
-            f"job {env.job_id} attempt {restart} (SLURM_RESTART_COUNT={restart}) rank "
-            f"{env.global_rank}/{env.num_tasks} on {env.hostname}",
+            f"job {env.job_id} attempt {restart} (SLURM_RESTART_COUNT={restart}): rank "
+            f"{env.global_rank}/{env.num_tasks} on node {node}, rendezvous "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
             flush=True,
         )
         try:

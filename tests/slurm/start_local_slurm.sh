@@ -8,7 +8,9 @@
 #   - the fast path ("already running") also requires every slurmd pidfile and, with
 #     accounting, mariadbd and slurmdbd to be alive; the original returned early with a dead
 #     slurmdbd, which leaves sacct (and so submitit) broken;
-#   - a policy-rc.d created for the apt install is removed by a trap even when apt fails.
+#   - a policy-rc.d created for the apt install is removed by a trap even when apt fails;
+#   - the node names n1..nN resolve (to 127.0.0.1, in /etc/hosts), as node names do on a real
+#     cluster: jobs use the first node's name as the rendezvous host.
 # Everything else, including the generated slurm.conf (byte for byte, so that a cluster
 # started by either copy is reused by the other without a restart), AuthInfo=cred_expire=10,
 # SchedulerParameters=sched_interval=2,bf_interval=1 and accounting through MariaDB +
@@ -79,6 +81,10 @@ fi
 # ---------------------------------------------------------------- 2. config
 HOST=$(hostname -s)
 getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >> /etc/hosts
+# Node names resolve on a real cluster; jobs use them as the rendezvous host (MASTER_ADDR).
+for i in $(seq 1 "$NODES"); do
+  getent hosts "n$i" >/dev/null || echo "127.0.0.1 n$i" >> /etc/hosts
+done
 # hardware as slurmd sees it: "NodeName=x CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105"
 HW=$(slurmd -C | head -1)
 hw() { echo "$HW" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
