@@ -37,6 +37,8 @@ log = logging.getLogger("cluster_pipeline.launch")
 # less than PORT_SPAN / 2 never collide, and a requeued attempt moves to the neighbouring port
 # so it cannot meet a socket of its previous attempt still in TIME_WAIT.
 PORT_BASE, PORT_SPAN = 20000, 40000
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}  # fmt: skip
 
 
 def rendezvous_port(job_id: int, restart_count: int) -> int:
@@ -211,10 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     job, run_dir = submit(cfg)
     print(describe(job, run_dir, cfg), flush=True)
     if args.wait:
-        job.wait()
-        print(f"job {job.job_id} ended: {job.state}")
-        return 0 if job.state == "COMPLETED" else 1
+        state = wait_for_end(job)
+        print(f"job {job.job_id} ended: {state}")
+        return 0 if state == "COMPLETED" else 1
     return 0
+
+
+def wait_for_end(job: submitit.Job, poll_s: float = 5.0) -> str:
+    """Poll SLURM's accounting until the job (requeues included) reaches a final state."""
+    while True:
+        state = job.watcher.get_state(job.job_id, mode="force").split()[0]
+        if state in FINAL_STATES:
+            return state
+        time.sleep(poll_s)
 
 
 if __name__ == "__main__":
