@@ -118,7 +118,7 @@ def network_features(
     model: ClusterNet, reader: SampleReader, cfg: Config, ctx: dist.DistContext
 ) -> np.ndarray:
     """The embedding DeepCluster clusters, single process: row i is sample i."""
-    idx, feats = extract_features(model.to(ctx.device), reader, cfg, ctx)
+    idx, feats, _ = extract_features(model.to(ctx.device), reader, cfg, ctx)  # none skipped
     out = np.full((reader.index.num_samples, feats.shape[1]), np.nan, dtype=np.float32)
     out[idx] = feats
     if np.isnan(out).any():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -15,6 +16,12 @@ log = logging.getLogger(__name__)
 # checkpoint-EEEEEE.pt: before epoch E starts; checkpoint-EEEEEE-SSSSSSS.pt: epoch E clustered
 # and S training steps taken.
 PATTERN = re.compile(r"^checkpoint-(\d{6})(?:-(\d{7}))?\.pt$")
+# The temporary file of a write in progress, or of one killed mid-write: never a checkpoint.
+PARTIAL = ".checkpoint-*.pt.tmp-*"
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message names the file and the cause."""
 
 
 def checkpoint_path(run_dir: Path, epoch: int, step: int | None = None) -> Path:
@@ -30,7 +37,7 @@ def _position(path: Path) -> tuple[int, int]:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first."""
+    """Checkpoints of a run, oldest first (partial writes, named .checkpoint-*.tmp-PID, are not)."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
@@ -45,27 +52,66 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def remove_partial_writes(folder: Path) -> None:
+    """Delete what writes killed mid-way left behind (only rank 0 writes, one file at a time)."""
+    for leftover in folder.glob(PARTIAL):
+        log.warning("removing %s, left by a checkpoint write that did not finish", leftover)
+        leftover.unlink(missing_ok=True)
+
+
+class _WriteErrors:
+    """A file that remembers why a write failed: torch.save reports a full disk as
+    "unexpected pos 704 vs 598"."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_atomic(state: dict[str, Any], path: Path, keep: int = 2) -> None:
     """Write `state` so that `path` is either the old file or the complete new one, never half.
 
-    A failure (full disk, unwritable directory) raises with the path and leaves every previous
-    checkpoint intact. Then keeps the newest `keep` checkpoints of the folder.
+    A failure (full disk, unwritable directory) raises CheckpointError naming the path and the
+    cause, and leaves every previous checkpoint intact. Then keeps the newest `keep` checkpoints
+    of the folder, and removes the partial files of earlier writes that were killed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink: _WriteErrors | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(path.parent)
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            sink = _WriteErrors(fh)
+            torch.save(state, cast(IO[bytes], sink))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OSError(
-            exc.errno,
-            f"could not write checkpoint {path} ({exc.strerror}); earlier checkpoints are intact",
-        ) from exc
+    except (OSError, RuntimeError) as exc:  # torch.save raises RuntimeError on a failed write
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = sink.error if sink is not None and sink.error is not None else exc
+        if path.parent.exists() and not path.parent.is_dir():
+            why = f"{path.parent} is a file, not a directory"
+        elif isinstance(cause, OSError) and cause.strerror:
+            why = cause.strerror
+        else:
+            why = str(cause)
+        error = CheckpointError(
+            f"could not write checkpoint {path}: {why}; the earlier checkpoints are intact"
+        )
+        error.errno = getattr(cause, "errno", None)
+        raise error from exc
     for old in list_checkpoints(path.parent.parent)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
 

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from . import dist
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data.reader import ShardError
 from .data.shards import load_source, write_shards
@@ -77,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as stop:
         print(f"cluster-pipeline {args.command}: {stop}", file=sys.stderr)
         return EXIT_STOPPED
+    except dist.RankLostError as exc:  # already in the rank's log, with where it was
+        print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return dist.EXIT_RANK_LOST
+    except (CheckpointError, dist.RankFailedError) as exc:  # a full disk, or another rank's error
+        log.error("%s", exc)
+        print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except BaseException:
         if logging.getLogger().handlers:  # the run's logs/rank<N>.log: keep the traceback there
             log.exception("cluster-pipeline %s failed", args.command)

@@ -38,6 +38,12 @@ class DataConfig:
     num_workers: int = 2
     # Images per forward pass during feature extraction, per rank.
     extract_batch_size: int = 256
+    # A sample that cannot be read (shard cut short, no image member, image does not decode):
+    # fail stops the run naming shard and key; skip leaves it out of clustering and training
+    # (pseudo-label -1), logs it and counts it in metrics.jsonl (skipped_samples).
+    on_error: str = "fail"
+    # With on_error=skip, stop anyway when more than this fraction of the samples is unreadable.
+    max_skip_fraction: float = 0.01
 
 
 @dataclass
@@ -91,6 +97,9 @@ class TrainConfig:
     epochs: int = 10
     # Images per step per rank; the global batch is batch_size * world size.
     batch_size: int = 256
+    # Images per step over all ranks; 0 means batch_size per rank. When set it replaces
+    # batch_size and must divide evenly over the ranks (256 on 8 GPUs: 32 per rank).
+    global_batch_size: int = 0
     # Samples drawn per epoch by the uniform-over-clusters sampler; 0 means N.
     samples_per_epoch: int = 0
     seed: int = 0
@@ -127,8 +136,14 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
-    # Seconds a collective may wait for a peer before the run fails (a dead rank).
+    # Seconds a collective may wait for a live peer before the run fails (a hang). Keep it above
+    # the longest wait of a healthy run: the other ranks wait in broadcast_labels while rank 0
+    # clusters. Also the longest a DataLoader batch may take.
     timeout_s: int = 600
+    # A rank whose heartbeat (a thread beating into the rendezvous store) has not moved for this
+    # many seconds is lost (killed, or its node failed): every other rank stops with an error
+    # naming it, however long its collectives may wait. 0 turns the heartbeat off (debuggers).
+    heartbeat_timeout_s: float = 180.0
 
 
 @dataclass
@@ -224,7 +239,13 @@ def validate_config(cfg: Config) -> None:
         ),
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.extract_batch_size >= 1, "data.extract_batch_size must be >= 1"),
+        (cfg.data.on_error in ("fail", "skip"), f"data.on_error={cfg.data.on_error}: fail or skip"),
+        (0 <= cfg.data.max_skip_fraction < 1, "data.max_skip_fraction must be in [0, 1)"),
         (cfg.train.batch_size >= 1, f"train.batch_size={cfg.train.batch_size} must be >= 1"),
+        (
+            cfg.train.global_batch_size >= 0,
+            f"train.global_batch_size={cfg.train.global_batch_size} must be >= 0 (0: off)",
+        ),
         (cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs} must be >= 1"),
         (cfg.train.samples_per_epoch >= 0, "train.samples_per_epoch must be >= 0"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
@@ -237,6 +258,7 @@ def validate_config(cfg: Config) -> None:
             f"wandb.mode={cfg.wandb.mode!r}; use auto, online, offline or disabled",
         ),
         (cfg.dist.timeout_s > 0, "dist.timeout_s must be > 0"),
+        (cfg.dist.heartbeat_timeout_s >= 0, "dist.heartbeat_timeout_s must be >= 0 (0: off)"),
         (cfg.slurm.nodes >= 1, f"slurm.nodes={cfg.slurm.nodes} must be >= 1"),
         (cfg.slurm.gpus_per_node >= 0, "slurm.gpus_per_node must be >= 0"),
         (cfg.slurm.tasks_per_node >= 1, "slurm.tasks_per_node must be >= 1"),
@@ -273,11 +295,29 @@ def validate_against_data(cfg: Config, num_samples: int, feature_dim: int, world
             "set model.sync_bn=false for CPU runs"
         )
     samples = cfg.train.samples_per_epoch or num_samples
-    if samples < cfg.train.batch_size * world:
+    batch = per_rank_batch_size(cfg, world)
+    if samples < batch * world:
+        t = cfg.train
+        setting = (f"train.global_batch_size={t.global_batch_size}" if t.global_batch_size
+                   else f"train.batch_size={t.batch_size} x {world} ranks")  # fmt: skip
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} x {world} ranks exceeds the "
-            f"{samples} samples of an epoch; lower train.batch_size"
+            f"{setting} exceeds the {samples} samples of an epoch; lower {setting.split('=')[0]}"
         )
+
+
+def per_rank_batch_size(cfg: Config, world: int) -> int:
+    """Images per training step on each rank: train.global_batch_size split over the `world`
+    ranks when it is set, else train.batch_size."""
+    total = cfg.train.global_batch_size
+    if not total:
+        return cfg.train.batch_size
+    if total % world:
+        fits = max(world, total // world * world)
+        raise ConfigError(
+            f"train.global_batch_size={total} does not divide over the {world} ranks of this "
+            f"job (world size {world}); use a multiple of {world}, e.g. {fits}"
+        )
+    return total // world
 
 
 def to_yaml(cfg: Config) -> str:

@@ -2,15 +2,26 @@
 
 A function that is a collective says "Collective: call on every rank" in its docstring. With a
 world of one process no process group exists and each collective degenerates to a local copy.
+
+A rank that dies (SIGKILL, out of memory, a failed node) is found by the heartbeat of the
+survivors, not by a collective timeout: they stop within dist.heartbeat_timeout_s with an error
+naming it (`Heartbeat`, `naming_lost_ranks`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,6 +34,21 @@ T = TypeVar("T")
 
 # Rows per message in `gather_features`: bounds the extra memory on rank 0 to one chunk.
 GATHER_CHUNK_BYTES = 64 << 20
+# Seconds without a heartbeat after which a rank is lost (config: dist.heartbeat_timeout_s).
+HEARTBEAT_TIMEOUT_S = 180.0
+# Exit status of a rank that stops because another rank is lost (EX_UNAVAILABLE).
+EXIT_RANK_LOST = 69
+# Heartbeat values that are not beats: the rank left the group normally, or on an error.
+_LEFT, _FAILED = -1, -2
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class RankLostError(RuntimeError):
+    """Another rank is gone (killed, out of memory, its node failed): the run cannot go on."""
+
+
+class RankFailedError(RuntimeError):
+    """Another rank raised an error; the message repeats it or says where to read it."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +57,7 @@ class DistContext:
     world: int
     local_rank: int
     device: torch.device
+    heartbeat: Heartbeat | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -48,12 +75,17 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
-def init_distributed(timeout_s: int = 600) -> DistContext:
+def init_distributed(
+    timeout_s: int = 600, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S
+) -> DistContext:
     """Join the process group described by the environment (torchrun or submitit), else run alone.
 
     torchrun and submitit's TorchDistributedEnvironment both export RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR and MASTER_PORT; a plain `python -m cluster_pipeline` has none and is one process.
+    `timeout_s` bounds a collective's wait for a live peer; a dead one is found by the heartbeat
+    within `heartbeat_timeout_s` (0: no heartbeat). Collective: call on every rank.
     """
+    heartbeat = None
     world = _env_int("WORLD_SIZE") or 1
     rank = _env_int("RANK") or 0
     local_rank = _env_int("LOCAL_RANK") or 0
@@ -72,12 +104,286 @@ def init_distributed(timeout_s: int = 600) -> DistContext:
             device_id=device if device.type == "cuda" else None,
         )
         log.info("rank %d/%d joined the %s process group", rank, world, backend)
-    return DistContext(rank=rank, world=world, local_rank=local_rank, device=device)
+        heartbeat = start_heartbeat(rank, world, heartbeat_timeout_s)
+    return DistContext(rank, world, local_rank, device, heartbeat)
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Stop the heartbeat, then leave the process group. Collective: call on every rank.
+
+    The barrier between the two keeps rank 0, which may host the rendezvous store, from leaving
+    before every rank has said in the store that it is leaving, not lost.
+    """
+    if ctx.heartbeat is not None:
+        ctx.heartbeat.stop()
     if ctx.distributed and tdist.is_initialized():
+        if ctx.heartbeat is not None:
+            tdist.barrier()
         tdist.destroy_process_group()
+
+
+def start_heartbeat(rank: int, world: int, timeout_s: float) -> Heartbeat | None:
+    """This rank's `Heartbeat`, in the rendezvous TCPStore of the process group just joined."""
+    if timeout_s <= 0:
+        return None
+    store = tdist.distributed_c10d._get_default_store()
+    while isinstance(store, tdist.PrefixStore):
+        store = store.underlying_store
+    if not isinstance(store, tdist.TCPStore):
+        log.warning("no heartbeat: the process group's store is a %s, not a TCPStore; a dead "
+                    "rank is found only by dist.timeout_s", type(store).__name__)  # fmt: skip
+        return None
+    heartbeat = Heartbeat(store.host, store.port, rank, world, timeout_s)
+    heartbeat.start()
+    return heartbeat
+
+
+class Heartbeat:
+    """Proof of life of every rank, kept apart from the collectives.
+
+    A collective cannot tell a dead peer from a busy one: the other ranks wait in
+    `broadcast_labels` for as long as rank 0 clusters (many minutes on ImageNet). So a daemon
+    thread on every rank counts beats into the rendezvous TCPStore every `interval_s`, over a
+    connection of its own (the process group's may be held for minutes by a blocking store call
+    of NCCL's), and reads every other rank's count. Counting beats instead of comparing times
+    needs no synchronized clocks. A rank whose count has not moved for `timeout_s` is lost, and
+    so is the store's host (rank 0, or torchrun's agent) when the store stops answering. The
+    thread then logs which rank and where this rank was, and ends the process with
+    EXIT_RANK_LOST: the main thread may be blocked in a C++ collective that no Python exception
+    can interrupt.
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.interval_s = min(5.0, max(0.5, timeout_s / 6))
+        self.address = f"{host}:{port}"
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        self.store_host = "torchrun's agent" if agent else "rank 0"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.keys = [f"cluster_pipeline/heartbeat/{attempt}/{r}" for r in range(world)]
+        self._store = tdist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                     timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+        self._main = threading.get_ident()
+        self._lock = threading.Lock()
+        self._beats = [0] * world  # the last count read of each rank
+        self._moved = [time.monotonic()] * world  # when it last changed (this rank's clock)
+        self._store_down_since: float | None = None
+        self._store_error = ""
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        """First beat, then wait until every rank has beaten once, then beat on in a thread."""
+        self._store.set(self.keys[self.rank], "1")
+        try:
+            self._store.wait(self.keys, datetime.timedelta(seconds=self.timeout_s))
+        except Exception:
+            missing = [r for r, key in enumerate(self.keys) if not self._store.check([key])]
+            raise RankLostError(
+                f"rank(s) {missing} joined the process group but sent no heartbeat within "
+                f"{self.timeout_s:.0f} s (dist.heartbeat_timeout_s)"
+            ) from None
+        self._thread.start()
+        atexit.register(self.stop, failed=True)  # a rank leaving on an error says so
+
+    def stop(self, failed: bool = False) -> None:
+        """Stop beating and tell the other ranks that this one left, normally or on an error."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        atexit.unregister(self.stop)
+        if self._thread.is_alive():
+            self._thread.join(timeout=2 * self.interval_s)
+        if tdist.is_initialized() and self._store_down_since is None:
+            with contextlib.suppress(Exception):
+                self._store.set(self.keys[self.rank], str(_FAILED if failed else _LEFT))
+
+    def _run(self) -> None:
+        beat, last = 1, time.monotonic()
+        while not self._stopped.wait(self.interval_s):
+            if not tdist.is_initialized():  # the group was destroyed without `shutdown`
+                return
+            if time.monotonic() - last > 3 * self.interval_s:
+                # This thread did not run for a while (the job was suspended, or the thread
+                # starved): the others' silence is not theirs. Give each a new timeout_s.
+                with self._lock:
+                    self._moved = [time.monotonic()] * self.world
+            last = time.monotonic()
+            beat += 1
+            try:
+                self._store.set(self.keys[self.rank], str(beat))
+                counts = [int(v) for v in self._store.multi_get(self.keys)]
+            except Exception as exc:
+                self._store_failed(exc)
+                continue
+            now = time.monotonic()
+            with self._lock:
+                for r, count in enumerate(counts):
+                    if count != self._beats[r]:
+                        self._beats[r], self._moved[r] = count, now
+            verdict = self._verdict(now)
+            if verdict is not None:
+                self._exit(verdict)
+
+    def _store_failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        down_s = self._mark_store_down(exc, now)
+        # Two beats of grace: a run that ends without `shutdown` (the group destroyed directly)
+        # may see rank 0 take its store away first.
+        if down_s >= 2 * self.interval_s and not self._stopped.is_set() and tdist.is_initialized():
+            self._exit(self._store_lost(now, self._where_main()))
+
+    def _mark_store_down(self, exc: Exception, now: float) -> float:
+        """Record the store's first failure; seconds since then."""
+        with self._lock:
+            if self._store_down_since is None:
+                self._store_down_since = now
+                self._store_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return now - self._store_down_since
+
+    def _verdict(self, now: float) -> str | None:
+        """Why this rank must stop: a peer silent for timeout_s, or one that left on an error
+        timeout_s ago while this rank is still in the run."""
+        with self._lock:
+            beats, moved = list(self._beats), list(self._moved)
+        peers = [r for r in range(self.world) if r != self.rank]
+        silent = [r for r in peers if beats[r] >= 0 and now - moved[r] > self.timeout_s]
+        if silent:
+            return self._lost(silent, now - max(moved[r] for r in silent), self._where_main())
+        failed = [r for r in peers if beats[r] == _FAILED and now - moved[r] > self.timeout_s]
+        if failed:
+            return self._failed(failed, self._where_main())
+        return None
+
+    def explain(self, exc: BaseException) -> RuntimeError | None:
+        """The error naming the rank that is gone, when a collective has just failed with `exc`.
+
+        gloo says only "Connection closed by peer", once the peer's process is gone. A live
+        rank beats again within one interval of the counts read now, so a rank that has not
+        beaten 2.5 intervals later is the one lost. None when every rank is alive: the failure
+        is something else.
+        """
+        if not self._thread.is_alive():
+            return None
+        where = _where(_frames_of(exc.__traceback__))
+        try:  # counts read after the failure: a beat sent just before a death is not a sign of life
+            before = [int(v) for v in self._store.multi_get(self.keys)]
+        except Exception as store_exc:
+            self._mark_store_down(store_exc, time.monotonic())
+            before = []
+        peers = [r for r in range(self.world) if r != self.rank]
+        deadline = time.monotonic() + 2.5 * self.interval_s
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                beats, moved, down = list(self._beats), list(self._moved), self._store_down_since
+            if down is not None:  # its host is gone; it may have said that it failed first
+                if beats[0] == _FAILED:
+                    return RankFailedError(self._failed([0], where))
+                return RankLostError(self._store_lost(now, where))
+            failed = [r for r in peers if _FAILED in (before[r], beats[r])]
+            silent = [r for r in peers if min(before[r], beats[r]) >= 0 and beats[r] <= before[r]]
+            if silent and now > deadline:
+                return RankLostError(self._lost(silent, now - max(moved[r] for r in silent), where))
+            if not silent:
+                return RankFailedError(self._failed(failed, where)) if failed else None
+            time.sleep(0.05)
+
+    def _lost(self, ranks: list[int], silent_s: float, where: str) -> str:
+        who = f"rank {ranks[0]} is" if len(ranks) == 1 else f"ranks {ranks} are"
+        logs = ", ".join(f"logs/rank{r}.log" for r in ranks[:4])
+        return (
+            f"{who} lost: no heartbeat for {silent_s:.0f} s (killed, or its node failed; "
+            f"{logs} ends where it stopped); rank {self.rank} was in {where}"
+        )
+
+    def _store_lost(self, now: float, where: str) -> str:
+        assert self._store_down_since is not None
+        ago = now - self._store_down_since
+        if self.store_host == "rank 0":
+            who = f"rank 0 is lost: the rendezvous store it hosts at {self.address}"
+            why = "killed, or its node failed; logs/rank0.log ends where it stopped"
+        else:
+            who = f"the rendezvous store of torchrun's agent at {self.address} is lost: it"
+            why = "the agent or its node failed"
+        return (
+            f"{who} stopped answering {ago:.0f} s ago ({self._store_error}; {why}); "
+            f"rank {self.rank} was in {where}"
+        )
+
+    def _failed(self, ranks: list[int], where: str) -> str:
+        logs = ", ".join(f"logs/rank{r}.log" for r in ranks[:4])
+        return f"rank(s) {ranks} stopped on an error (see {logs}); rank {self.rank} was in {where}"
+
+    def _where_main(self) -> str:
+        frame = sys._current_frames().get(self._main)
+        stack: list[FrameType] = []
+        while frame is not None:
+            stack.append(frame)
+            frame = frame.f_back
+        return _where(stack[::-1])
+
+    def _exit(self, message: str) -> None:
+        """Log why, flush, and end the process: the main thread may be stuck in C++."""
+        log.critical("%s", message)
+        if self.rank != 0 and logging.getLogger().handlers:  # rank 0 logs to stdout already
+            print(f"rank {self.rank}: error: {message}", file=sys.stderr)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RANK_LOST)
+
+
+def _frames_of(tb: TracebackType | None) -> list[FrameType]:
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    return frames
+
+
+def _where(frames: list[FrameType]) -> str:
+    """'f (a > b > f)': the package's functions on a stack, outermost first; f the innermost."""
+    names = [
+        f.f_code.co_name
+        for f in frames
+        if f.f_code.co_filename.startswith(_PACKAGE_DIR)
+        and os.path.basename(f.f_code.co_filename) not in ("cli.py", "__main__.py")
+        and f.f_code.co_name != "naming_lost_ranks"
+    ]
+    if not names:  # called from a user's script: its innermost function outside the libraries
+        libraries = tuple(sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib"))
+        own = [f.f_code for f in frames if not f.f_code.co_filename.startswith(libraries)]
+        return f"{own[-1].co_name} ({os.path.basename(own[-1].co_filename)})" if own else "?"
+    return names[-1] if len(names) == 1 else f"{names[-1]} ({' > '.join(names)})"
+
+
+@contextlib.contextmanager
+def naming_lost_ranks(ctx: DistContext) -> Iterator[None]:
+    """Raise a collective's failure caused by a rank that is gone as an error that names it.
+
+    gloo raises "Connection closed by peer" at once when a rank dies; the heartbeats tell which
+    rank stopped beating (RankLostError) or left on an error of its own (RankFailedError).
+    Leaving on any error marks this rank as failed in the store for the others.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        better = None
+        if ctx.heartbeat is not None and not isinstance(exc, (RankLostError, RankFailedError)):
+            better = ctx.heartbeat.explain(exc)
+        if ctx.heartbeat is not None:
+            ctx.heartbeat.stop(failed=True)
+        if better is None:
+            raise
+        log.error("%s", better)
+        raise better from exc
+    except BaseException:
+        if ctx.heartbeat is not None:
+            ctx.heartbeat.stop(failed=True)
+        raise
 
 
 def _comm_device(ctx: DistContext) -> torch.device:
@@ -111,11 +417,13 @@ def raise_if_any_rank_failed(ctx: DistContext, error: BaseException | None) -> N
     if error is not None:
         raise error
     if failed:
-        raise RuntimeError(f"rank(s) {failed} failed; see their logs (logs/rank<N>.log)")
+        raise RankFailedError(f"rank(s) {failed} failed; see their logs (logs/rank<N>.log)")
 
 
 def on_rank0(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T | None:
-    """fn(*args) on rank 0 only; if it raises, every rank raises. Collective: call on every rank."""
+    """fn(*args) on rank 0 only; if it raises, every rank raises with rank 0's message (a full
+    disk while checkpointing reads the same in every rank's log). Collective: call on every rank.
+    """
     result, error = None, None
     if ctx.is_main:
         try:
@@ -123,7 +431,18 @@ def on_rank0(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T | None:
         except Exception as exc:
             log.exception("rank 0 failed")
             error = exc
-    raise_if_any_rank_failed(ctx, error)
+    if not ctx.distributed:
+        if error is not None:
+            raise error
+        return result
+    outcome: str | None = None
+    if ctx.is_main:
+        outcome = "ok" if error is None else f"failed: {str(error) or type(error).__name__}"
+    outcome = broadcast_string(ctx, outcome)
+    if error is not None:
+        raise error
+    if outcome != "ok":
+        raise RankFailedError(f"rank 0 {outcome}")
     return result
 
 
@@ -158,33 +477,75 @@ def all_reduce_sum(ctx: DistContext, values: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def gather_features(
-    ctx: DistContext, index: np.ndarray, feats: np.ndarray, num_samples: int
-) -> np.ndarray | None:
-    """Gather every rank's (index, features) rows into one (num_samples, d) matrix on rank 0.
+@dataclass(frozen=True)
+class Gathered:
+    """Rank 0's features of one extraction: row j is sample `index[j]`.
 
-    Row i of the result is sample i. Ranks may hold different counts, including none. Rows travel
-    as tensors in chunks of GATHER_CHUNK_BYTES and are scattered into the preallocated result,
-    so rank 0 peaks near one copy of the matrix. Raises on every rank when the indices do not
-    cover 0..num_samples-1 exactly once. Returns None on ranks other than 0.
+    `index` and `skipped` are sorted and together are 0..N-1, each sample once: the samples
+    left out are exactly those reported unreadable (data.on_error=skip), never fewer rows
+    by accident. Without skips `index` is 0..N-1 and row i is sample i.
+    """
+
+    feats: np.ndarray  # (N - len(skipped), d) float32
+    index: np.ndarray  # int64 sample indices of the rows
+    skipped: np.ndarray  # int64 sample indices that could not be read
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.index) + len(self.skipped)
+
+    def per_sample(self, values: np.ndarray, fill: int = -1) -> np.ndarray:
+        """Per-row `values` spread over all N samples, `fill` at the skipped ones."""
+        out = np.full(self.num_samples, fill, dtype=values.dtype)
+        out[self.index] = values
+        return out
+
+
+def gather_features(
+    ctx: DistContext,
+    index: np.ndarray,
+    feats: np.ndarray,
+    num_samples: int,
+    skipped: np.ndarray | None = None,
+) -> Gathered | None:
+    """Gather every rank's (index, features) rows, and its `skipped` sample indices, on rank 0.
+
+    Ranks may hold different counts, including none. Skipped indices travel first, so rank 0
+    knows where each row goes; rows travel as tensors in chunks of GATHER_CHUNK_BYTES and are
+    scattered into the preallocated result, so rank 0 peaks near one copy of the matrix.
+    Raises on every rank unless each sample 0..num_samples-1 was extracted exactly once or
+    skipped exactly once, by some rank. Returns None on ranks other than 0.
     Collective: call on every rank.
     """
     d = feats.shape[1]
+    skipped = np.zeros(0, np.int64) if skipped is None else skipped
     counts = all_gather_counts(ctx, len(index))
-    if sum(counts) != num_samples:
+    skip_counts = all_gather_counts(ctx, len(skipped))
+    if sum(counts) + sum(skip_counts) != num_samples:
+        skips = f" and skipped {sum(skip_counts)} (per rank {skip_counts})"
         raise RuntimeError(
-            f"extraction produced {sum(counts)} rows (per rank {counts}) for {num_samples} samples"
+            f"extraction produced {sum(counts)} rows (per rank {counts}) for {num_samples} "
+            f"samples{skips if any(skip_counts) else ''}"
         )
-    out: np.ndarray | None = None
+    dev = _comm_device(ctx)
     bad: RuntimeError | None = None
     seen = np.zeros(num_samples if ctx.is_main else 0, dtype=np.int64)
+    skip_seen: np.ndarray | None = None
+    rows: np.ndarray | None = None  # sample -> row of the result; None: row i is sample i
+    if any(skip_counts):
+        parts = _gather_skipped(ctx, skipped, skip_counts)
+        for src, part in enumerate(parts):
+            bad = bad or _count_indices(seen, part, src)
+        skip_seen = seen.copy()
+        kept = seen == 0
+        rows = np.cumsum(kept) - 1
+    out: np.ndarray | None = None
     if ctx.is_main:
-        out = np.empty((num_samples, d), dtype=np.float32)
-        bad = _count_indices(seen, index, 0)
+        out = np.empty((num_samples - int((seen > 0).sum()), d), dtype=np.float32)
+        bad = bad or _count_indices(seen, index, 0)
         if bad is None:
-            out[index] = feats
+            out[index if rows is None else rows[index]] = feats
     chunk_rows = max(1, GATHER_CHUNK_BYTES // max(1, 4 * d))
-    dev = _comm_device(ctx)
     for src in range(1, ctx.world):
         n = counts[src]
         if n == 0:
@@ -200,19 +561,16 @@ def gather_features(
             tdist.recv(idx_t, src=src)
             idx = idx_t.cpu().numpy()
             bad = bad or _count_indices(seen, idx, src)
+            dest = idx if rows is None else rows[idx]
             buf = torch.empty((min(chunk_rows, n), d), dtype=torch.float32, device=dev)
             for s in range(0, n, chunk_rows):
                 m = min(chunk_rows, n - s)
                 view = buf[:m]
                 tdist.recv(view, src=src)
                 if bad is None:  # after an error the chunks are still received, then dropped
-                    out[idx[s : s + m]] = view.cpu().numpy()
+                    out[dest[s : s + m]] = view.cpu().numpy()
     if ctx.is_main and bad is None and not np.all(seen == 1):
-        missing, dup = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
-        bad = RuntimeError(
-            f"extraction did not read every sample exactly once: {len(missing)} missing "
-            f"(first {missing[:5].tolist()}), {len(dup)} duplicated (first {dup[:5].tolist()})"
-        )
+        bad = _coverage_error(seen, skip_seen)
     status = [0]
     if ctx.distributed:
         flag = torch.tensor([int(bad is not None)], device=dev)
@@ -222,10 +580,40 @@ def gather_features(
         raise bad
     if status[0]:
         raise RuntimeError(
-            "rank 0 found that extraction did not read every sample exactly once, or read "
-            "indices outside 0..N-1; see logs/rank0.log"
+            "rank 0 found that extraction did not read every sample exactly once (or report it "
+            "skipped once), or read indices outside 0..N-1; see logs/rank0.log"
         )
-    return out
+    if not ctx.is_main:
+        return None
+    assert out is not None
+    if skip_seen is None:
+        return Gathered(out, np.arange(num_samples, dtype=np.int64), np.zeros(0, np.int64))
+    lost = np.flatnonzero(skip_seen)
+    log.warning("%d of %d samples could not be read and are left out (first: %s); the rank "
+                "logs name each shard and reason", len(lost), num_samples,
+                " ".join(f"{i:09d}" for i in lost[:5]))  # fmt: skip
+    return Gathered(out, np.flatnonzero(skip_seen == 0), lost)
+
+
+def _gather_skipped(ctx: DistContext, skipped: np.ndarray, counts: list[int]) -> list[np.ndarray]:
+    """Every rank's skipped indices on rank 0, in rank order (empty lists elsewhere).
+
+    Collective: call on every rank.
+    """
+    parts = [np.asarray(skipped, dtype=np.int64)] if ctx.is_main else []
+    dev = _comm_device(ctx)
+    for src in range(1, ctx.world):
+        if counts[src] == 0:
+            if ctx.is_main:
+                parts.append(np.zeros(0, np.int64))
+            continue
+        if ctx.rank == src:
+            tdist.send(torch.from_numpy(np.ascontiguousarray(skipped, np.int64)).to(dev), dst=0)
+        elif ctx.is_main:
+            t = torch.empty(counts[src], dtype=torch.int64, device=dev)
+            tdist.recv(t, src=src)
+            parts.append(t.cpu().numpy())
+    return parts
 
 
 def _count_indices(seen: np.ndarray, index: np.ndarray, src: int) -> RuntimeError | None:
@@ -237,6 +625,23 @@ def _count_indices(seen: np.ndarray, index: np.ndarray, src: int) -> RuntimeErro
         )
     seen += np.bincount(index, minlength=len(seen))
     return None
+
+
+def _coverage_error(seen: np.ndarray, skip_seen: np.ndarray | None) -> RuntimeError:
+    """Which samples were not extracted-or-skipped exactly once, for rank 0's error."""
+    missing, dup = np.flatnonzero(seen == 0), np.flatnonzero(seen > 1)
+    msg = (
+        f"extraction did not read every sample exactly once: {len(missing)} missing "
+        f"(first {missing[:5].tolist()}), {len(dup)} duplicated (first {dup[:5].tolist()})"
+    )
+    if skip_seen is not None:
+        both = np.flatnonzero((skip_seen > 0) & (seen > skip_seen))
+        twice = np.flatnonzero(skip_seen > 1)
+        msg += (
+            f"; of these, {len(both)} both extracted and skipped (first {both[:5].tolist()}), "
+            f"{len(twice)} skipped more than once (first {twice[:5].tolist()})"
+        )
+    return RuntimeError(msg)
 
 
 def broadcast_labels(ctx: DistContext, labels: np.ndarray | None, num_samples: int) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Feature extraction: every sample read exactly once across ranks x workers, model in eval mode."""
+"""Feature extraction: every sample read exactly once across ranks x workers, model in eval mode.
+
+With data.on_error=skip a sample that cannot be read is reported instead (rank log: shard, key,
+reason) and every rank stops when more than data.max_skip_fraction of the samples were lost.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from tqdm import tqdm
 from . import dist
 from .config import Config, validate_against_data
 from .data.augment import center_crop, to_float
-from .data.reader import SampleReader, ShardIndex, batch_loader, rank_partition
+from .data.reader import SampleReader, ShardError, ShardIndex, batch_loader, rank_partition
 from .models import ClusterNet, build_model
 from .rundir import prepare_run_dir
 
@@ -22,37 +26,46 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def extract_features(
     model: ClusterNet, reader: SampleReader, cfg: Config, ctx: dist.DistContext
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sample indices, features) of this rank's share of the shards.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sample indices, features, skipped sample indices) of this rank's share of the shards.
 
-    A failure on any rank (a bad shard, say) is raised on every rank rather than leaving the
-    others waiting in the gather. Collective: call on every rank.
+    Samples are skipped only with data.on_error=skip. A failure on any rank (a bad shard, say)
+    is raised on every rank rather than leaving the others waiting in the gather.
+    Collective: call on every rank.
     """
     dist.broadcast_buffers(ctx, model)  # every rank extracts with rank 0's BatchNorm statistics
     indices = rank_partition(reader.index.num_samples, ctx.rank, ctx.world)
     feats = np.empty((len(indices), model.feature_dim), dtype=np.float32)
     seen = np.empty(len(indices), dtype=np.int64)
+    skipped: list[np.ndarray] = []
     error: BaseException | None = None
     was_training = model.training
     model.eval()
     try:
-        loader = batch_loader(
-            reader, indices, cfg.data.extract_batch_size, cfg.data.num_workers, cfg.dist.timeout_s
-        )
+        skip = cfg.data.on_error == "skip"
+        loader = batch_loader(reader, indices, cfg.data.extract_batch_size, cfg.data.num_workers,
+                              cfg.dist.timeout_s, skip_errors=skip)  # fmt: skip
         pos = 0
         bar = tqdm(
             loader, desc="extract", disable=not (ctx.is_main and cfg.run.progress), leave=False
         )
-        for idx, images in bar:
+        for idx, images, bad, reasons in bar:
+            if len(bad):
+                skipped.append(bad.numpy())
+                for reason in reasons:
+                    log.warning("skipped (data.on_error=skip) %s", reason)
+            if not len(idx):
+                continue
             x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
             out = model.features(center_crop(x, cfg.data.image_size))
             feats[pos : pos + len(idx)] = out.float().cpu().numpy()
             seen[pos : pos + len(idx)] = idx.numpy()
             pos += len(idx)
-        if pos != len(indices):
-            shards = reader.index.shards_of(indices[pos:])
+        done = pos + sum(map(len, skipped))
+        if done != len(indices):
+            shards = reader.index.shards_of(indices[done:])
             raise RuntimeError(
-                f"rank {ctx.rank} read {pos} of {len(indices)} samples; "
+                f"rank {ctx.rank} read {pos} and skipped {done - pos} of {len(indices)} samples; "
                 f"unread samples are in shards {shards}"
             )
     except Exception as exc:  # reported on every rank below
@@ -61,16 +74,38 @@ def extract_features(
     finally:
         model.train(was_training)
     dist.raise_if_any_rank_failed(ctx, error)
-    return seen, feats
+    lost = np.concatenate(skipped) if skipped else np.zeros(0, dtype=np.int64)
+    if cfg.data.on_error == "skip":
+        check_skip_fraction(ctx, cfg, len(lost), reader.index.num_samples)
+    return seen[:pos], feats[:pos], lost
 
 
-def save_features(out: Path, feats: np.ndarray, labels: np.ndarray | None) -> None:
-    """features.npy (row i = sample i), index.npy, and labels.npy when the classes are known."""
+def check_skip_fraction(ctx: dist.DistContext, cfg: Config, lost: int, num_samples: int) -> None:
+    """Stop every rank when more samples were unreadable than data.max_skip_fraction allows.
+
+    Collective: call on every rank.
+    """
+    total = sum(dist.all_gather_counts(ctx, lost))
+    if total > cfg.data.max_skip_fraction * num_samples:
+        raise ShardError(
+            f"{total} of {num_samples} samples ({total / num_samples:.2%}) in {cfg.data.shards} "
+            f"could not be read, more than data.max_skip_fraction={cfg.data.max_skip_fraction}; "
+            "logs/rank<N>.log name each shard, sample and reason: restore those shards or re-run "
+            "make-shards, or raise data.max_skip_fraction"
+        )
+
+
+def save_features(out: Path, gathered: dist.Gathered | None, labels: np.ndarray | None) -> None:
+    """features.npy (row j = sample index.npy[j]: every sample but the skipped ones, listed in
+    skipped.npy when there are any), and labels.npy of the rows when the classes are known."""
+    assert gathered is not None
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "features.npy", feats)
-    np.save(out / "index.npy", np.arange(len(feats), dtype=np.int64))
+    np.save(out / "features.npy", gathered.feats)
+    np.save(out / "index.npy", gathered.index)
+    if len(gathered.skipped):
+        np.save(out / "skipped.npy", gathered.skipped)
     if labels is not None:
-        np.save(out / "labels.npy", labels)
+        np.save(out / "labels.npy", labels[gathered.index])
 
 
 def open_data_and_model(
@@ -78,9 +113,18 @@ def open_data_and_model(
 ) -> tuple[ShardIndex, SampleReader, ClusterNet]:
     """The shard index (checked against the files), a sample reader, and the seeded model.
 
-    Every config check that needs N or the feature dimension runs here, before any real work.
+    Every config check that needs N or the feature dimension runs here, before any real work,
+    and so does the check of the shards against their index: on every rank (a node may hold
+    its own copy), failing every rank if one fails. Collective: call on every rank.
     """
-    index = ShardIndex.load(cfg.data.shards)
+    loaded, error = None, None
+    try:
+        loaded = ShardIndex.load(cfg.data.shards, allow_truncated=cfg.data.on_error == "skip")
+    except ShardError as exc:
+        error = exc
+    dist.raise_if_any_rank_failed(ctx, error)
+    assert loaded is not None
+    index = loaded
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k).to(ctx.device)
     validate_against_data(cfg, index.num_samples, model.feature_dim, ctx.world)
@@ -95,9 +139,9 @@ def run_extract(cfg: Config, weights: str | None, out: str | None) -> Path | Non
     if weights:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state))
-    idx, feats = extract_features(model, reader, cfg, ctx)
-    all_feats = dist.gather_features(ctx, idx, feats, index.num_samples)
+    idx, feats, skipped = extract_features(model, reader, cfg, ctx)
+    gathered = dist.gather_features(ctx, idx, feats, index.num_samples, skipped)
     folder = Path(out) if out else run_dir / "features"
-    dist.on_rank0(ctx, save_features, folder, all_feats, index.labels)
+    dist.on_rank0(ctx, save_features, folder, gathered, index.labels)
     dist.shutdown(ctx)
     return folder if ctx.is_main else None

@@ -1,4 +1,8 @@
-"""Clustering metrics: NMI and ARI (scikit-learn) and cluster-size statistics."""
+"""Clustering metrics: NMI and ARI (scikit-learn) and cluster-size statistics.
+
+A label of -1 marks a sample skipped as unreadable (data.on_error=skip): the metrics cover the
+samples that every labeling given has a label for.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,26 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
+def _labelled(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    both = (a >= 0) & (b >= 0)
+    return (a, b) if both.all() else (a[both], b[both])
+
+
 def nmi(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
     """NMI between two labelings of the same samples; None when either is unknown."""
     if a is None or b is None:
         return None
-    return float(normalized_mutual_info_score(a, b))
+    return float(normalized_mutual_info_score(*_labelled(a, b)))
 
 
 def ari(a: np.ndarray | None, b: np.ndarray | None) -> float | None:
     if a is None or b is None:
         return None
-    return float(adjusted_rand_score(a, b))
+    return float(adjusted_rand_score(*_labelled(a, b)))
 
 
 def cluster_stats(labels: np.ndarray, k: int) -> dict[str, float | int]:
-    sizes = np.bincount(labels, minlength=k)
+    sizes = np.bincount(labels[labels >= 0], minlength=k)
     return {
         "cluster_size_min": int(sizes.min()),
         "cluster_size_median": float(np.median(sizes)),

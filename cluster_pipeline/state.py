@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 
 class PhaseTimer:
-    """Wall time per named phase of an epoch (synchronizing CUDA so GPU work is counted)."""
+    """Wall time per named phase of an epoch (synchronizing CUDA so GPU work is counted).
+
+    Each phase's start and end go to the rank's log file (debug level, not to the console), so
+    the log of a rank that died or hung ends with where it was.
+    """
 
     def __init__(self, seconds: dict[str, float] | None = None) -> None:
         self.seconds: dict[str, float] = dict(seconds or {})
@@ -41,12 +45,14 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        log.debug("phase %s started", name)
         self._open[name] = time.perf_counter()
         yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds[name] = self.snapshot()[name]
         del self._open[name]
+        log.debug("phase %s ended (%.2f s this epoch)", name, self.seconds[name])
 
     def snapshot(self) -> dict[str, float]:
         """Seconds per phase so far, counting the phases still running."""

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import struct
 import sys
 import uuid
@@ -23,9 +24,11 @@ WANDB_DELIVERED_FILE = "logs/wandb_delivered.json"
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
-    """Rank 0 logs to stdout; every rank logs to run_dir/logs/rank<N>.log."""
+    """Rank 0 logs to stdout; every rank logs to run_dir/logs/rank<N>.log, which also gets this
+    package's debug lines (the phases of each epoch)."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    logging.getLogger("cluster_pipeline").setLevel(logging.DEBUG)
     for h in list(root.handlers):
         if getattr(h, "_cluster_pipeline", False):
             root.removeHandler(h)
@@ -33,6 +36,7 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     handlers: list[logging.Handler] = []
     if rank == 0:
         handlers.append(logging.StreamHandler(sys.stdout))
+        handlers[-1].setLevel(logging.INFO)
     if run_dir is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "logs" / f"rank{rank}.log"))
@@ -40,6 +44,7 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
         h.setFormatter(fmt)
         h._cluster_pipeline = True  # type: ignore[attr-defined]
         root.addHandler(h)
+    log.debug("rank %d is pid %d on %s", rank, os.getpid(), socket.gethostname())
 
 
 def wandb_mode(mode: str) -> str:
@@ -207,7 +212,7 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], labels: np.ndarray |
     axes[1].plot(epochs, [r["train_loss"] for r in rows], marker="o")
     axes[1].set(xlabel="epoch", ylabel="loss", title="Training loss on pseudo-labels")
     if labels is not None:
-        sizes = np.sort(np.bincount(labels))[::-1]
+        sizes = np.sort(np.bincount(labels[labels >= 0]))[::-1]  # -1: skipped as unreadable
         axes[2].bar(np.arange(len(sizes)), sizes, width=1.0)
         axes[2].set(xlabel="cluster (sorted by size)", ylabel="images", title="Cluster sizes")
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import dist, kmeans, metrics
-from .config import Config, to_dict
+from .config import Config, per_rank_batch_size, to_dict
 from .data.augment import center_crop, random_resized_crop, to_float
 from .data.reader import SampleReader, batch_loader
 from .data.sampler import rank_slice, uniform_cluster_sampler
@@ -34,28 +35,37 @@ def run_deepcluster(
     """Train DeepCluster for cfg.train.epochs, continuing the run directory's last checkpoint.
 
     A signal caught by `flag` stops every rank at the next safe point with a checkpoint (and
-    `requeue` on rank 0), raising Stopped. Collective: call on every rank.
+    `requeue` on rank 0), raising Stopped. A rank that dies stops the others with an error
+    naming it (RankLostError) within dist.heartbeat_timeout_s. Collective: call on every rank.
     """
-    ctx = dist.init_distributed(cfg.dist.timeout_s)
+    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
+    with dist.naming_lost_ranks(ctx):
+        return train_deepcluster(cfg, ctx, flag or StopFlag(), requeue)
+
+
+def train_deepcluster(
+    cfg: Config, ctx: dist.DistContext, flag: StopFlag, requeue: Callable[[int], object] | None
+) -> Path:
+    """The epoch loop of `run_deepcluster`, in a process group that is already up."""
     run_dir = prepare_run_dir(cfg, ctx)
     index, reader, model = open_data_and_model(cfg, ctx)
     ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
     optimizer = make_optimizer(model, cfg)
     state, wandb_id, loaded = resume_state(run_dir, cfg, model, optimizer, ctx)
     tracker = Tracker(run_dir, ctx.is_main, cfg.wandb, to_dict(cfg), wandb_id)
-    saver = Checkpointer(run_dir, cfg, ctx, model, optimizer, tracker, flag or StopFlag(),
-                         requeue, loaded)  # fmt: skip
+    saver = Checkpointer(run_dir, cfg, ctx, model, optimizer, tracker, flag, requeue,
+                         loaded)  # fmt: skip
     first, n = state.epoch, index.num_samples
     while state.epoch < cfg.train.epochs:
         t = state.timer
         if not state.clustered:
             with t("extract"):
-                idx, feats = extract_features(model, reader, cfg, ctx)
+                idx, feats, skipped = extract_features(model, reader, cfg, ctx)
             with t("gather"):
-                all_feats = dist.gather_features(ctx, idx, feats, n)
+                gathered = dist.gather_features(ctx, idx, feats, n, skipped)
             saver.stop_if_requested(state)
             with t("cluster"):
-                clusters = dist.on_rank0(ctx, cluster_epoch, all_feats, cfg, state.epoch)
+                clusters = dist.on_rank0(ctx, cluster_epoch, gathered, cfg, state.epoch)
             with t("broadcast"):
                 labels = dist.broadcast_labels(ctx, clusters.labels if clusters else None, n)
             state.start_training(labels, clusters)
@@ -73,15 +83,19 @@ def run_deepcluster(
     return run_dir
 
 
-def cluster_epoch(feats: np.ndarray | None, cfg: Config, epoch: int) -> kmeans.Clustering:
-    """Rank 0's clustering of all features; the k-means seed changes every epoch."""
-    assert feats is not None
+def cluster_epoch(gathered: dist.Gathered | None, cfg: Config, epoch: int) -> kmeans.Clustering:
+    """Rank 0's clustering of all features read; the k-means seed changes every epoch.
+
+    Samples skipped as unreadable get label -1: the sampler never draws them.
+    """
+    assert gathered is not None
     c = cfg.cluster
-    return kmeans.cluster_features(
-        feats, c.k, c.pca_dim, c.whiten, c.l2_normalize, c.niter,
+    clusters = kmeans.cluster_features(
+        gathered.feats, c.k, c.pca_dim, c.whiten, c.l2_normalize, c.niter,
         seed=cfg.train.seed * 1_000_003 + epoch, max_points_per_centroid=c.max_points_per_centroid,
         split_eps=c.split_eps, use_gpu=c.use_gpu,
     )  # fmt: skip
+    return dataclasses.replace(clusters, labels=gathered.per_sample(clusters.labels))
 
 
 def make_optimizer(model: ClusterNet, cfg: Config) -> torch.optim.Optimizer:
@@ -127,7 +141,7 @@ def train_one_epoch(
     Collective: call on every rank.
     """
     assert state.labels is not None
-    b = cfg.train.batch_size
+    b = per_rank_batch_size(cfg, ctx.world)
     num_draws = cfg.train.samples_per_epoch or reader.index.num_samples
     draws = uniform_cluster_sampler(state.labels, num_draws, seed=epoch_seed(cfg, state.epoch))
     mine = rank_slice(draws, ctx.rank, ctx.world, b)
@@ -135,9 +149,10 @@ def train_one_epoch(
     gen = torch.Generator()
     total = torch.tensor(state.rank_loss_sum(ctx.rank), dtype=torch.float32, device=ctx.device)
     model.train()
+    # Strict reads: a sample skipped at extraction has label -1 and is never drawn.
     loader = batch_loader(reader, mine[state.step * b :], b, cfg.data.num_workers,
                           cfg.dist.timeout_s)  # fmt: skip
-    for idx, images in tqdm(loader, desc=f"train {state.epoch}", leave=False,
+    for idx, images, *_ in tqdm(loader, desc=f"train {state.epoch}", leave=False,
                             disable=not (ctx.is_main and cfg.run.progress)):  # fmt: skip
         saver.at_step(state, total)
         seed_step(gen, cfg, state.epoch, ctx.rank, state.step)
@@ -190,6 +205,7 @@ def epoch_metrics(
         "k": km.get("k"),
         "train_loss": loss,
         "images_per_s": images / max(seconds.get("train", 0.0), 1e-9),
+        "skipped_samples": int((state.labels < 0).sum()),  # unreadable, data.on_error=skip
     }
     row |= metrics.cluster_stats(state.labels, row["k"] or int(state.labels.max()) + 1)
     row |= {f"time_{name}_s": round(s, 4) for name, s in seconds.items()}

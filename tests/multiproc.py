@@ -6,6 +6,8 @@ import multiprocessing
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -70,3 +72,32 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 120) -> lis
     if errors:
         raise AssertionError("\n".join(errors))
     return [value for _, value in results]
+
+
+def start_cli_ranks(
+    argv: list[str], out_dir: Path, world: int = 2, env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
+    """`python ARGV` as `world` ranks with torchrun's environment but no torchrun agent, which
+    would stop the other ranks itself when one dies. Rank r's output goes to out_dir/out<r>.txt.
+    """
+    port = _free_port()
+    repo = Path(__file__).resolve().parent.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(world):
+        rank_env = dict(env or os.environ, RANK=str(rank), WORLD_SIZE=str(world),
+                        LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                        OMP_NUM_THREADS="1", PYTHONPATH=str(repo))  # fmt: skip
+        with open(out_dir / f"out{rank}.txt", "w") as out:
+            procs.append(subprocess.Popen([sys.executable, *argv], cwd=repo, env=rank_env,
+                                          stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+    return procs
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL the processes still running (cleanup after a failed test)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

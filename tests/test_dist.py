@@ -67,6 +67,10 @@ def _gather_worker(rank: int, world: int) -> dict:
         recvs.clear()
         mine = perm[:n0] if rank == 0 else perm[n0:]
         gathered = dist.gather_features(ctx, mine, feats[mine], GATHER_N)
+        if gathered is not None:  # no sample skipped: row i is sample i
+            np.testing.assert_array_equal(gathered.index, np.arange(GATHER_N))
+            assert len(gathered.skipped) == 0
+            gathered = gathered.feats
         labels_in = labels if rank == 0 else None
         got = dist.broadcast_labels(ctx, labels_in, GATHER_N)
         out[case] = {"gathered": gathered, "labels": got, "recvs": list(recvs)}
@@ -174,10 +178,11 @@ def _extract_worker(rank: int, world: int, shards: Path, tiny_shards: Path) -> d
             model = _seeded_model(cfg)
             model.train()
             reader = SampleReader(ShardIndex.load(root), cfg.data.load_size, cfg.data.channels)
-            idx, feats = extract_features(model, reader, cfg, ctx)
+            idx, feats, skipped = extract_features(model, reader, cfg, ctx)
             assert model.training, "extract_features must restore train mode"
-            gathered = dist.gather_features(ctx, idx, feats, reader.index.num_samples)
-            out[name, workers] = (idx, feats, gathered)
+            assert len(skipped) == 0
+            gathered = dist.gather_features(ctx, idx, feats, reader.index.num_samples, skipped)
+            out[name, workers] = (idx, feats, None if gathered is None else gathered.feats)
     return out
 
 

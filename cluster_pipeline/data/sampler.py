@@ -11,12 +11,16 @@ def uniform_cluster_sampler(labels: np.ndarray, num_draws: int, seed: int) -> np
     DeepCluster's remedy for trivial parametrization: each non-empty cluster contributes
     ceil(num_draws / k_nonempty) draws, taken without replacement from a shuffle of its members
     and cycling through them again only when the cluster is smaller than its share; cutting to
-    `num_draws` leaves per-cluster counts equal within one. The result is shuffled.
+    `num_draws` leaves per-cluster counts equal within one. The result is shuffled. A label of
+    -1 (a sample skipped as unreadable) is in no cluster and is never drawn.
     Vectorized: no Python loop over samples or clusters.
     """
     rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.random(len(labels)), labels))  # members grouped, shuffled within
-    sizes = np.bincount(labels)
+    keys = rng.random(len(labels))
+    members = np.flatnonzero(labels >= 0)
+    # Members grouped by cluster, shuffled within; the same order as before -1 labels existed.
+    order = members[np.lexsort((keys[members], labels[members]))]
+    sizes = np.bincount(labels[members])
     nonempty = np.flatnonzero(sizes)
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))[nonempty]
     per = -(-num_draws // len(nonempty))

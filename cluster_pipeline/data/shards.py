@@ -3,14 +3,15 @@
 Each sample is a group of tar members sharing the key `%09d` of its stable integer index:
 `<key>.png|jpg` (the image), `<key>.idx` (the index) and `<key>.cls` (its class, when known).
 Any webdataset reader can read the shards. Beside them `index.json` lists the shards with their
-sample counts and byte sizes, the total N and the class names, and `samples.npy` holds, per
-sample, (shard number, byte offset and size of the image member, class or -1): readers use it
-to read any sample exactly once, or at random, and to check the shards have not changed.
+sample counts, byte sizes and fingerprints, the total N and the class names, and `samples.npy`
+holds, per sample, (shard number, byte offset and size of the image member, class or -1): readers
+use it to read any sample exactly once, or at random, and to check the shards have not changed.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import io
 import json
@@ -33,6 +34,8 @@ INDEX_FILE = "index.json"
 SAMPLES_FILE = "samples.npy"
 FORMAT = "cluster_pipeline.shards/1"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+# A shard's fingerprint hashes this many bytes at each end: two small reads per shard at startup.
+FINGERPRINT_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,26 @@ def load_source(spec: str) -> Source:
     raise ValueError(f"--source {spec!r}: use mnist5k, digits or imagefolder:PATH")
 
 
+def shard_fingerprint(path: str | Path, nbytes: int | None = None) -> dict[str, str]:
+    """SHA-256 of the first and of the last 64 KiB of a shard (of its first `nbytes` bytes).
+
+    With the byte size in index.json this catches a shard rewritten at the same size (a
+    re-run of make-shards with other data, another copy) without reading whole shards; a
+    flipped byte in the middle is found when that sample is read. `nbytes` is the size
+    recorded at write time, so a shard cut shorter since has its head checked as written.
+    """
+    path = Path(path)
+    size = path.stat().st_size if nbytes is None else nbytes
+    with open(path, "rb") as fh:
+        head = fh.read(min(size, FINGERPRINT_BYTES))
+        fh.seek(max(0, size - FINGERPRINT_BYTES))
+        tail = fh.read(min(size, FINGERPRINT_BYTES))
+    return {
+        "head": hashlib.sha256(head).hexdigest(),
+        "tail": hashlib.sha256(tail).hexdigest(),
+    }
+
+
 def _member_offsets(tar_path: Path, keys: list[str], exts: list[str]) -> list[tuple[int, int]]:
     """Byte offset and size of each sample's image member, read back from the tar headers."""
     found: dict[str, tuple[int, int]] = {}
@@ -192,6 +215,7 @@ def write_shards(
                 "count": stop - start,
                 "first_index": start,
                 "bytes": os.path.getsize(out / name),
+                "fingerprint": shard_fingerprint(out / name),
             }
         )
     index = {

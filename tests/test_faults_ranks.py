@@ -1,0 +1,197 @@
+"""A dead rank ends the run with an error naming it, within a bound, never a hang.
+
+The ranks run as plain processes with torchrun's environment but no torchrun agent, which would
+kill the survivors itself: a survivor that exits on its own, with EXIT_RANK_LOST and a message
+naming the lost rank, shows that our heartbeat found the loss. One test goes through torchrun.
+Every checkpoint left behind must still load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from multiproc import kill_all, start_cli_ranks
+
+from cluster_pipeline import checkpoint
+from cluster_pipeline.dist import EXIT_RANK_LOST
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = str(REPO / "configs" / "digits_test.yaml")
+HEARTBEAT_S = 10  # dist.heartbeat_timeout_s of the pipeline runs here (default 180)
+BOUND_S = 60  # from the kill to the survivor's exit, with room for a loaded machine
+
+
+def wait_for_text(path: Path, text: str, count: int = 1, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text(errors="replace").count(text) >= count):
+        assert time.monotonic() < deadline, f"{path} never showed {text!r} {count} times"
+        time.sleep(0.02)
+
+
+def wait_exit(proc: subprocess.Popen, since: float) -> tuple[int, float]:
+    """The exit status of `proc` and seconds from `since`; fails past BOUND_S (a hang)."""
+    try:
+        rc = proc.wait(timeout=BOUND_S - (time.monotonic() - since))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the survivor still runs {BOUND_S} s after the kill: a hang")
+    return rc, time.monotonic() - since
+
+
+def assert_checkpoints_load(run_dir: Path) -> int:
+    """Every checkpoint file loads (a kill leaves at most an ignored .tmp file); their count."""
+    files = sorted((run_dir / "checkpoints").glob("checkpoint-*.pt"))
+    assert set(files) == set(checkpoint.list_checkpoints(run_dir))
+    for path in files:
+        assert checkpoint.load(path)["model"], path
+    return len(files)
+
+
+# ---------------------------------------------------------------- the heartbeat on its own
+
+SCENARIO = textwrap.dedent("""
+    import logging, os, signal, sys, time
+    import numpy as np
+    from cluster_pipeline import dist
+
+    logging.basicConfig(level=logging.INFO)
+    scenario, timeout = sys.argv[1], float(sys.argv[2])
+    ctx = dist.init_distributed(600, timeout)
+
+    def cluster_for_a_while(seconds):  # stands in for rank 0's k-means: numpy, no collective
+        end, a = time.monotonic() + seconds, np.random.default_rng(0).standard_normal((150, 150))
+        while time.monotonic() < end:
+            np.linalg.eigh(a @ a.T)
+        return np.arange(10)
+
+    if scenario == "busy":
+        labels = dist.on_rank0(ctx, cluster_for_a_while, 3 * timeout)
+        print("labels", dist.broadcast_labels(ctx, labels, 10).tolist(), flush=True)
+        dist.shutdown(ctx)
+    else:
+        if ctx.rank == int(scenario):
+            print("victim ready", flush=True)
+            time.sleep(60)
+        cluster_for_a_while(120)
+        print("survivor finished its work: the loss was never noticed", flush=True)
+""")
+
+
+def test_a_busy_rank_is_not_declared_dead(tmp_path: Path) -> None:
+    """Rank 0 computes for 3 heartbeat timeouts while rank 1 waits in a collective: no error."""
+    procs = start_cli_ranks(["-c", SCENARIO, "busy", "2"], tmp_path)
+    try:
+        for p in procs:
+            assert p.wait(timeout=120) == 0, (tmp_path / "out0.txt").read_text()[-3000:]
+    finally:
+        kill_all(procs)
+    for rank in range(2):
+        out = (tmp_path / f"out{rank}.txt").read_text()
+        assert "labels [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in out and "lost" not in out, out
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["rank1-killed", "rank0-store-host-killed"])
+def test_busy_survivor_names_the_lost_rank(tmp_path: Path, victim: int) -> None:
+    """The survivor is in a long computation, in no collective: only the heartbeat can tell."""
+    timeout = 3
+    procs = start_cli_ranks(["-c", SCENARIO, str(victim), str(timeout)], tmp_path)
+    survivor = procs[1 - victim]
+    try:
+        wait_for_text(tmp_path / f"out{victim}.txt", "victim ready")
+        time.sleep(1.0)  # the survivor is inside cluster_for_a_while
+        procs[victim].send_signal(signal.SIGKILL)
+        rc, seconds = wait_exit(survivor, time.monotonic())
+    finally:
+        kill_all(procs)
+    out = (tmp_path / f"out{1 - victim}.txt").read_text()
+    assert rc == EXIT_RANK_LOST, out[-3000:]
+    assert f"rank {victim} is lost" in out, out[-3000:]
+    if victim == 0:
+        assert "rendezvous store it hosts" in out, out[-3000:]
+    assert f"rank {1 - victim} was in cluster_for_a_while" in out, out[-3000:]
+    assert seconds < timeout + 10, seconds
+    print(f"time to error: {seconds:.1f} s (heartbeat timeout {timeout} s)")
+
+
+# ---------------------------------------------------------------- the real pipeline
+
+
+def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["-m", "cluster_pipeline", "train", "--config", CONFIG, f"data.shards={shards}",
+            f"run.dir={run_dir}", "train.epochs=3", "train.samples_per_epoch=12800",
+            "train.checkpoint_every_steps=20", "train.keep_checkpoints=50",
+            f"dist.heartbeat_timeout_s={HEARTBEAT_S}", *extra]  # fmt: skip
+
+
+# (victim, line of the victim's log to strike at, its occurrence, seconds after it, where the
+# survivor may report being). Clustering digits takes milliseconds, so rank 0 killed once it
+# starts clustering leaves rank 1 waiting for the labels or already training; rank 0 busy in a
+# long clustering is test_busy_survivor_names_the_lost_rank.
+CASES = {
+    "rank1-in-training": (1, "phase train started", 2, 0.5, ("train_one_epoch",)),
+    "rank1-in-extraction": (1, "phase extract started", 2, 0.0, ("extract_features",)),
+    "rank0-once-clustering-starts": (0, "phase cluster started", 2, 0.0,
+                                     ("on_rank0", "broadcast_labels", "train_one_epoch")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_killed_rank_is_named_by_the_survivor(
+    digits_shards: Path, tmp_path: Path, case: str
+) -> None:
+    victim, line, nth, delay, where = CASES[case]
+    run_dir = tmp_path / "run"
+    extra = ["data.extract_batch_size=8"] if "extraction" in case else []
+    procs = start_cli_ranks(train_args(digits_shards, run_dir, *extra), tmp_path / "out")
+    survivor = 1 - victim
+    try:
+        wait_for_text(run_dir / "logs" / f"rank{victim}.log", line, nth)
+        time.sleep(delay)
+        procs[victim].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        rc, seconds = wait_exit(procs[survivor], killed)
+    finally:
+        kill_all(procs)
+    log = (run_dir / "logs" / f"rank{survivor}.log").read_text()
+    out = (tmp_path / "out" / f"out{survivor}.txt").read_text()
+    assert rc == EXIT_RANK_LOST, out[-3000:]
+    found = re.search(rf"rank {victim} is lost: .*; rank {survivor} was in (.*)", log)
+    assert found, log[-3000:]
+    assert any(w in found[1] for w in where), found[0]
+    assert f"cluster-pipeline train: error: rank {victim} is lost" in out, out[-3000:]
+    assert assert_checkpoints_load(run_dir) >= 1
+    print(f"{case}: time to error {seconds:.1f} s; survivor was in {found[1]}")
+
+
+def test_torchrun_survivor_names_the_lost_rank(digits_shards: Path, tmp_path: Path) -> None:
+    """Under torchrun the agent also stops the survivor; our error must be in its log first."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "launch.local", "--nproc", "2",
+           *train_args(digits_shards, run_dir)[2:]]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_text(run_dir / "logs" / "rank1.log", "phase train started", 2)
+        time.sleep(0.5)
+        pid = int(re.findall(r"pid (\d+)", (run_dir / "logs" / "rank1.log").read_text())[0])
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=BOUND_S)
+        seconds = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out[-3000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert re.search(r"rank 1 is lost: no heartbeat for \d+ s .*; rank 0 was in ", log), log[-3000:]
+    assert "rank 1 is lost" in out, out[-3000:]
+    assert assert_checkpoints_load(run_dir) >= 1
+    print(f"torchrun: launcher exited {seconds:.1f} s after the kill")
