@@ -133,7 +133,14 @@ def open_data_and_model(
 
 def run_extract(cfg: Config, weights: str | None, out: str | None) -> Path | None:
     """`cluster-pipeline extract`: features of every sample, gathered and saved by rank 0."""
-    ctx = dist.init_distributed(cfg.dist.timeout_s)
+    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
+    with dist.naming_lost_ranks(ctx):
+        return _extract_and_save(cfg, ctx, weights, out)
+
+
+def _extract_and_save(
+    cfg: Config, ctx: dist.DistContext, weights: str | None, out: str | None
+) -> Path | None:
     run_dir = prepare_run_dir(cfg, ctx)
     index, reader, model = open_data_and_model(cfg, ctx)
     if weights:
