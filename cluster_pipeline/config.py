@@ -56,6 +56,10 @@ class ModelConfig:
     width: int = 32
     # Replace BatchNorm by SyncBatchNorm under DDP so statistics cover the global batch.
     sync_bn: bool = False
+    # On CUDA: extract features under bf16 autocast (fp32 elsewhere, and always fp32 on CPU).
+    extract_bf16: bool = True
+    # On CUDA: NHWC memory layout, which cuDNN's convolutions prefer with tensor cores.
+    channels_last: bool = True
 
 
 @dataclass

@@ -6,6 +6,7 @@ reason) and every rank stops when more than data.max_skip_fraction of the sample
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def extract_features(
         bar = tqdm(
             loader, desc="extract", disable=not (ctx.is_main and cfg.run.progress), leave=False
         )
+        pending = FeatureSink(feats, batches=8 if ctx.device.type == "cuda" else 1)
         for idx, images, bad, reasons in bar:
             if len(bad):
                 skipped.append(bad.numpy())
@@ -57,10 +59,12 @@ def extract_features(
             if not len(idx):
                 continue
             x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-            out = model.features(center_crop(x, cfg.data.image_size))
-            feats[pos : pos + len(idx)] = out.float().cpu().numpy()
+            x = center_crop(x, cfg.data.image_size)
+            with extraction_precision(cfg, ctx):
+                pending.add(pos, model.features(as_layout(x, cfg, ctx)))
             seen[pos : pos + len(idx)] = idx.numpy()
             pos += len(idx)
+        pending.flush()
         done = pos + sum(map(len, skipped))
         if done != len(indices):
             shards = reader.index.shards_of(indices[done:])
@@ -95,6 +99,46 @@ def check_skip_fraction(ctx: dist.DistContext, cfg: Config, lost: int, num_sampl
         )
 
 
+class FeatureSink:
+    """Device features copied to the host array `batches` forward passes at a time.
+
+    Copying every batch at once (`.cpu()`) makes the host wait for each forward pass, so the
+    GPU idles while the next batch is staged; holding a few outputs keeps its queue full, at
+    the cost of that many batches of device memory. On CPU there is nothing to overlap.
+    """
+
+    def __init__(self, out: np.ndarray, batches: int) -> None:
+        self.out, self.batches = out, batches
+        self.parts: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, pos: int, feats: torch.Tensor) -> None:
+        """Rows pos.. of `out` are `feats`; calls come in order of pos."""
+        self.parts.append((pos, feats.detach()))
+        if len(self.parts) >= self.batches:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        start = self.parts[0][0]
+        block = torch.cat([f.float() for _, f in self.parts]).cpu().numpy()
+        self.out[start : start + len(block)] = block
+        self.parts = []
+
+
+def extraction_precision(cfg: Config, ctx: dist.DistContext) -> contextlib.AbstractContextManager:
+    """bf16 autocast for extraction on CUDA (features go back to fp32); fp32 on CPU."""
+    on = ctx.device.type == "cuda" and cfg.model.extract_bf16
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def as_layout(x: torch.Tensor, cfg: Config, ctx: dist.DistContext) -> torch.Tensor:
+    """The batch in the model's memory layout (channels_last on CUDA when configured)."""
+    if ctx.device.type == "cuda" and cfg.model.channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def save_features(out: Path, gathered: dist.Gathered | None, labels: np.ndarray | None) -> None:
     """features.npy (row j = sample index.npy[j]: every sample but the skipped ones, listed in
     skipped.npy when there are any), and labels.npy of the rows when the classes are known."""
@@ -127,6 +171,8 @@ def open_data_and_model(
     index = loaded
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k).to(ctx.device)
+    if ctx.device.type == "cuda" and cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     validate_against_data(cfg, index.num_samples, model.feature_dim, ctx.world)
     return index, SampleReader(index, cfg.data.load_size, cfg.data.channels), model
 

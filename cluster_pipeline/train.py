@@ -19,7 +19,7 @@ from .config import Config, per_rank_batch_size, to_dict
 from .data.augment import center_crop, random_resized_crop, to_float
 from .data.reader import SampleReader, batch_loader
 from .data.sampler import rank_slice, uniform_cluster_sampler
-from .extract import extract_features, open_data_and_model
+from .extract import as_layout, extract_features, open_data_and_model
 from .models import ClusterNet, reset_head
 from .rundir import prepare_run_dir
 from .state import Checkpointer, EpochState, resume_state
@@ -157,7 +157,7 @@ def train_one_epoch(
         saver.at_step(state, total)
         seed_step(gen, cfg, state.epoch, ctx.rank, state.step)
         x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-        x = augment(x, cfg, gen)
+        x = as_layout(augment(x, cfg, gen), cfg, ctx)
         total += train_step(model, optimizer, x, targets[idx].to(ctx.device))
         state.step += 1
     summed = dist.all_reduce_sum(ctx, np.array([float(total), state.step], dtype=np.float64))

@@ -414,3 +414,18 @@ def test_batch_loader_workers_come_from_a_forkserver_with_a_timeout(digits_shard
     assert loader.timeout == 30
     seen = np.concatenate([batch.indices.numpy() for batch in loader])
     np.testing.assert_array_equal(seen, np.arange(300))
+
+
+def test_feature_sink_writes_buffered_batches_in_place() -> None:
+    from cluster_pipeline.extract import FeatureSink
+
+    out = np.full((10, 3), -1.0, dtype=np.float32)
+    sink = FeatureSink(out, batches=3)
+    rows = torch.arange(30, dtype=torch.float32).reshape(10, 3)
+    for pos, size in ((0, 4), (4, 2), (6, 3)):
+        sink.add(pos, rows[pos : pos + size].to(torch.bfloat16))
+    assert (out[:9] != -1).all()  # three batches: flushed
+    sink.add(9, rows[9:])
+    assert (out[9] == -1).all()  # held until flush
+    sink.flush()
+    assert np.array_equal(out, rows.numpy())
