@@ -76,8 +76,12 @@ class ClusterConfig:
     max_points_per_centroid: int = 256
     # Relative perturbation when an empty cluster takes a copy of a non-empty centroid.
     split_eps: float = 1e-4
-    # Use faiss on every GPU of rank 0's node when there are GPUs.
+    # Use faiss on every GPU of rank 0's node when there are GPUs (sharded: each rank's own GPU).
     use_gpu: bool = True
+    # gather: rank 0 gathers every feature and clusters them (holds N x d). sharded: features
+    # stay on their rank; PCA is fitted on a sample, Lloyd's sums are all-reduced (k x d per
+    # iteration). Use sharded when N x d no longer fits rank 0 (docs/scaling.md).
+    mode: str = "gather"
 
 
 @dataclass
@@ -231,6 +235,10 @@ def validate_config(cfg: Config) -> None:
         (cfg.cluster.k >= 2, f"cluster.k={cfg.cluster.k} must be at least 2"),
         (cfg.cluster.pca_dim >= 0, f"cluster.pca_dim={cfg.cluster.pca_dim} must be >= 0"),
         (cfg.cluster.niter >= 1, f"cluster.niter={cfg.cluster.niter} must be >= 1"),
+        (
+            cfg.cluster.mode in ("gather", "sharded"),
+            f"cluster.mode={cfg.cluster.mode!r} is unknown; use gather or sharded",
+        ),
         (cfg.data.channels in (1, 3), f"data.channels={cfg.data.channels} must be 1 or 3"),
         (
             len(cfg.data.mean) == cfg.data.channels and len(cfg.data.std) == cfg.data.channels,

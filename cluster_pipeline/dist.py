@@ -703,3 +703,155 @@ def wrap_ddp(ctx: DistContext, model: nn.Module, sync_bn: bool = False) -> nn.Mo
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded k-means (cluster.mode=sharded): the features stay on their rank; only the PCA sample,
+# k x d sums and the labels travel.
+
+# Entries of the N-vector of labels per all-reduce in `all_gather_labels` (64 MiB of int64).
+LABEL_CHUNK = 8 << 20
+
+
+def all_reduce_sum_int64(ctx: DistContext, values: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks of an int64 array of any shape, exact and independent of the
+    reduction order (sharded k-means: per-cluster fixed-point sums and counts).
+
+    Collective: call on every rank.
+    """
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    if not ctx.distributed:
+        return values
+    t = torch.from_numpy(values.copy()).to(_comm_device(ctx))
+    tdist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def all_reduce_max_float(ctx: DistContext, value: float) -> float:
+    """The largest of the ranks' float64 `value`s. Collective: call on every rank."""
+    if not ctx.distributed:
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(ctx))
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_gather_int64(ctx: DistContext, values: np.ndarray) -> list[np.ndarray]:
+    """Every rank's 1-D int64 `values` (lengths may differ), in rank order, on every rank.
+
+    Collective: call on every rank.
+    """
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    if not ctx.distributed:
+        return [values]
+    counts = all_gather_counts(ctx, len(values))
+    dev = _comm_device(ctx)
+    padded = torch.full((max(max(counts), 1),), -1, dtype=torch.int64, device=dev)
+    padded[: len(values)] = torch.from_numpy(values).to(dev)
+    out = [torch.empty_like(padded) for _ in range(ctx.world)]
+    tdist.all_gather(out, padded)
+    return [t[:n].cpu().numpy() for t, n in zip(out, counts, strict=True)]
+
+
+def gather_rows(
+    ctx: DistContext, index: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every rank's (sample index, row) pairs on rank 0, sorted by sample index, as tensors (no
+    pickling); None elsewhere. For a bounded sample (the PCA fit's), not for all N rows: rank 0
+    holds the result whole. Collective: call on every rank.
+    """
+    d = rows.shape[1]
+    index = np.ascontiguousarray(index, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    counts = all_gather_counts(ctx, len(index))
+    dev = _comm_device(ctx)
+    parts: list[tuple[np.ndarray, np.ndarray]] = [(index, rows)]
+    for src in range(1, ctx.world):
+        if counts[src] == 0:
+            continue
+        if ctx.rank == src:
+            tdist.send(torch.from_numpy(index).to(dev), dst=0)
+            tdist.send(torch.from_numpy(rows).to(dev), dst=0)
+        elif ctx.is_main:
+            idx_t = torch.empty(counts[src], dtype=torch.int64, device=dev)
+            rows_t = torch.empty((counts[src], d), dtype=torch.float32, device=dev)
+            tdist.recv(idx_t, src=src)
+            tdist.recv(rows_t, src=src)
+            parts.append((idx_t.cpu().numpy(), rows_t.cpu().numpy()))
+    if not ctx.is_main:
+        return None
+    all_index = np.concatenate([i for i, _ in parts])
+    order = np.argsort(all_index, kind="stable")
+    return all_index[order], np.concatenate([r for _, r in parts])[order]
+
+
+def broadcast_float32(
+    ctx: DistContext, values: np.ndarray | None, shape: tuple[int, ...]
+) -> np.ndarray:
+    """Rank 0's float32 array of a shape every rank knows (a fitted PCA) on every rank.
+
+    Collective: call on every rank.
+    """
+    if not ctx.distributed:
+        assert values is not None
+        return np.ascontiguousarray(values, dtype=np.float32)
+    dev = _comm_device(ctx)
+    if ctx.is_main:
+        assert values is not None and values.shape == shape
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(dev)
+    else:
+        t = torch.empty(shape, dtype=torch.float32, device=dev)
+    tdist.broadcast(t, src=0)
+    return t.cpu().numpy()
+
+
+def all_gather_labels(
+    ctx: DistContext,
+    index: np.ndarray,
+    labels: np.ndarray,
+    skipped: np.ndarray,
+    num_samples: int,
+) -> np.ndarray:
+    """Every rank's per-row labels spread into one int64 N-vector by sample index, on every
+    rank; the `skipped` samples get -1.
+
+    Each rank adds 2**32 + label + 1 at its samples and 2**32 at its skipped ones to a zero
+    N-vector, all-reduced in chunks of LABEL_CHUNK entries: the high half then counts how often
+    each sample was seen, so this is also sharded mode's check that every sample was extracted
+    or skipped exactly once, and it raises (on every rank alike) otherwise. Collective: call on
+    every rank.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    skipped = np.asarray(skipped, dtype=np.int64)
+    mine = np.concatenate([index, skipped])
+    outside = bool(len(mine)) and (mine.min() < 0 or mine.max() >= num_samples)
+    if max_over_ranks(ctx, int(outside)):
+        raise RuntimeError(
+            f"sample indices outside 0..{num_samples - 1} were extracted"
+            + (f" by rank {ctx.rank}" if outside else " by another rank; see its log")
+        )
+    values = np.concatenate([labels.astype(np.int64) + 1, np.zeros(len(skipped), np.int64)])
+    order = np.argsort(mine, kind="stable")
+    mine, values = mine[order], values[order]
+    out = np.empty(num_samples, dtype=np.int64)
+    missing = duplicated = 0
+    first_bad: list[int] = []
+    for s in range(0, num_samples, LABEL_CHUNK):
+        n = min(LABEL_CHUNK, num_samples - s)
+        lo, hi = np.searchsorted(mine, [s, s + n])
+        pos = mine[lo:hi] - s
+        chunk = np.bincount(pos, minlength=n).astype(np.int64) << 32
+        chunk[pos] += values[lo:hi]
+        chunk = all_reduce_sum_int64(ctx, chunk)
+        hits = chunk >> 32
+        out[s : s + n] = (chunk & 0xFFFFFFFF) - 1
+        missing += int((hits == 0).sum())
+        duplicated += int((hits > 1).sum())
+        if len(first_bad) < 5:
+            first_bad += (np.flatnonzero(hits != 1)[: 5 - len(first_bad)] + s).tolist()
+    if missing or duplicated:
+        raise RuntimeError(
+            f"extraction did not read every sample exactly once: {missing} missing, "
+            f"{duplicated} duplicated (first {first_bad})"
+        )
+    return out

@@ -22,6 +22,7 @@ from .data.sampler import rank_slice, uniform_cluster_sampler
 from .extract import as_layout, extract_features, open_data_and_model
 from .models import ClusterNet, reset_head
 from .rundir import prepare_run_dir
+from .sharded_kmeans import Shard, cluster_shard
 from .state import Checkpointer, EpochState, resume_state
 from .stop import StopFlag
 from .tracking import Tracker, read_metrics, write_report
@@ -61,14 +62,15 @@ def train_deepcluster(
         if not state.clustered:
             with t("extract"):
                 idx, feats, skipped = extract_features(model, reader, cfg, ctx)
-            with t("gather"):
-                gathered = dist.gather_features(ctx, idx, feats, n, skipped)
+            with t("gather"):  # cluster.mode=sharded: every rank keeps its own features
+                gathered = gather_for_clustering(ctx, cfg, idx, feats, n, skipped)
             saver.stop_if_requested(state)
             with t("cluster"):
-                clusters = dist.on_rank0(ctx, cluster_epoch, gathered, cfg, state.epoch)
+                clusters = cluster_epoch(ctx, gathered, cfg, state.epoch)
             with t("broadcast"):
-                labels = dist.broadcast_labels(ctx, clusters.labels if clusters else None, n)
+                labels = labels_on_every_rank(ctx, cfg, clusters, gathered, n)
             state.start_training(labels, clusters)
+            del feats, gathered  # else the next epoch's N x d arrays arrive while these live
             reset_head_and_state(model, optimizer, seed=cfg.train.seed * 7919 + state.epoch)
         with t("train"):
             loss, images = train_one_epoch(ddp, optimizer, reader, state, cfg, ctx, saver)
@@ -83,19 +85,70 @@ def train_deepcluster(
     return run_dir
 
 
-def cluster_epoch(gathered: dist.Gathered | None, cfg: Config, epoch: int) -> kmeans.Clustering:
-    """Rank 0's clustering of all features read; the k-means seed changes every epoch.
+# What clustering starts from: gather mode, all features on rank 0 (None elsewhere); sharded
+# mode, this rank's own.
+Features = dist.Gathered | Shard | None
+
+
+def gather_for_clustering(
+    ctx: dist.DistContext,
+    cfg: Config,
+    idx: np.ndarray,
+    feats: np.ndarray,
+    n: int,
+    skipped: np.ndarray,
+) -> Features:
+    """The extracted features where clustering needs them. Collective: call on every rank."""
+    if cfg.cluster.mode == "sharded":
+        return Shard(idx, feats, skipped, n)
+    return dist.gather_features(ctx, idx, feats, n, skipped)
+
+
+def cluster_epoch(
+    ctx: dist.DistContext, features: Features, cfg: Config, epoch: int
+) -> kmeans.Clustering | None:
+    """The epoch's k-means; its seed changes every epoch. Collective: call on every rank.
+
+    gather: rank 0 clusters everything (None elsewhere), labels per sample. sharded: every
+    rank, with the labels of its own rows.
+    """
+    c, seed = cfg.cluster, cfg.train.seed * 1_000_003 + epoch
+    if c.mode == "sharded":
+        assert isinstance(features, Shard)
+        return cluster_shard(
+            ctx, features, c.k, c.pca_dim, c.whiten, c.l2_normalize, c.niter, seed,
+            c.max_points_per_centroid, c.split_eps, c.use_gpu,
+        )  # fmt: skip
+    return dist.on_rank0(ctx, cluster_gathered, features, cfg, seed)
+
+
+def cluster_gathered(gathered: Features, cfg: Config, seed: int) -> kmeans.Clustering:
+    """Rank 0's clustering of all features read.
 
     Samples skipped as unreadable get label -1: the sampler never draws them.
     """
-    assert gathered is not None
+    assert isinstance(gathered, dist.Gathered)
     c = cfg.cluster
     clusters = kmeans.cluster_features(
-        gathered.feats, c.k, c.pca_dim, c.whiten, c.l2_normalize, c.niter,
-        seed=cfg.train.seed * 1_000_003 + epoch, max_points_per_centroid=c.max_points_per_centroid,
-        split_eps=c.split_eps, use_gpu=c.use_gpu,
+        gathered.feats, c.k, c.pca_dim, c.whiten, c.l2_normalize, c.niter, seed=seed,
+        max_points_per_centroid=c.max_points_per_centroid, split_eps=c.split_eps,
+        use_gpu=c.use_gpu, index=gathered.index,
     )  # fmt: skip
     return dataclasses.replace(clusters, labels=gathered.per_sample(clusters.labels))
+
+
+def labels_on_every_rank(
+    ctx: dist.DistContext,
+    cfg: Config,
+    clusters: kmeans.Clustering | None,
+    features: Features,
+    n: int,
+) -> np.ndarray:
+    """Every sample's pseudo-label (-1: skipped) on every rank. Collective: call on every rank."""
+    if cfg.cluster.mode == "sharded":
+        assert isinstance(features, Shard) and clusters is not None
+        return dist.all_gather_labels(ctx, features.index, clusters.labels, features.skipped, n)
+    return dist.broadcast_labels(ctx, clusters.labels if clusters else None, n)
 
 
 def make_optimizer(model: ClusterNet, cfg: Config) -> torch.optim.Optimizer:
