@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test lint format bench bench-quality launch clean
+.PHONY: venv demo demo-shards test lint format bench bench-clustering bench-datapath bench-gather \
+	bench-epoch bench-quality launch clean
 
 venv: $(STAMP)
 
@@ -55,9 +56,27 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-bench: bench-quality
+# Benchmarks are not tests: each prints ratios measured side by side in one run and replaces its
+# own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
+bench: bench-clustering bench-datapath bench-gather bench-epoch bench-quality
 
-# Benchmarks are not tests: they print what they measured and write it to BENCHMARKS.md.
+# kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min).
+bench-clustering: $(STAMP)
+	$(PY) -m bench.clustering
+
+# Shard reader vs a plain PIL decode loop on synthetic JPEGs, workers 0 and nproc (about 2 min).
+bench-datapath: $(STAMP)
+	$(PY) -m bench.datapath
+
+# gather_features on 2 gloo ranks: rank 0's peak memory and time per GB (under a minute).
+bench-gather: $(STAMP)
+	$(PY) -m bench.gather
+
+# The demo's epoch: extraction I/O + gather + clustering + broadcast vs model compute (about 2 min).
+bench-epoch: data/mnist5k/index.json
+	$(PY) -m bench.epoch
+
+# DeepCluster's claim in miniature: k-means on learned features vs pixels and a random network.
 bench-quality: data/mnist5k/index.json
 	$(PY) -m bench.quality
 

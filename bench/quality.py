@@ -21,8 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -31,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from bench.common import REPO, git_commit, machine, replace_section
 from cluster_pipeline import checkpoint, dist, kmeans, metrics
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
@@ -40,7 +38,6 @@ from cluster_pipeline.extract import extract_features, open_data_and_model
 from cluster_pipeline.models import ClusterNet, build_model
 from cluster_pipeline.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Quality: DeepCluster in miniature (MNIST-5k)"
 K = 10
 FEATURE_SETS = ("raw pixels", "random network", "DeepCluster")
@@ -280,34 +277,6 @@ def verdict(results: list[SeedResult], preps: list[Preprocessing]) -> list[str]:
     return lines
 
 
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        cores = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        cores = str(os.cpu_count())
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cores} cores (`nproc`), {cpu}, {gpu}; torch {torch.__version__}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "none (no commit yet)"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return f"{out}{' + uncommitted changes' if dirty else ''}"
-
-
 def report(
     args: argparse.Namespace,
     results: list[SeedResult],
@@ -398,28 +367,6 @@ def report(
     return "\n".join(out)
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Put `section` in place of the file's section with the same heading, keeping all others."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = [*lines, *([""] if lines and lines[-1].strip() else []), *section.splitlines()]
-    else:
-        end, fenced = len(lines), False
-        for i in range(start + 1, len(lines)):
-            if lines[i].lstrip().startswith("```"):
-                fenced = not fenced
-            elif not fenced and re.match(r"^#{1,2} ", lines[i]):
-                end = i
-                break
-        tail = lines[end:]
-        new = [*lines[:start], *section.splitlines(), *([""] if tail else []), *tail]
-    while new and not new[-1].strip():
-        new.pop()
-    path.write_text("\n".join(new) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     single_process_env()
@@ -455,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                      "dims": r.dims, "scores": r.scores} for r in results],
     }, indent=1))  # fmt: skip
     if not args.no_write:
-        replace_section(REPO / "BENCHMARKS.md", section)
+        replace_section(REPO / "BENCHMARKS.md", SECTION, section)
         print(f"wrote section {SECTION!r} of {REPO / 'BENCHMARKS.md'}")
     return 0
 

@@ -44,7 +44,7 @@ def fit_pca(x: np.ndarray, dim: int, whiten: bool = True, eps: float = 1e-5, see
         rows = np.sort(np.random.default_rng(seed).choice(n, PCA_FIT_MAX_ROWS, replace=False))
         x = x[rows]
     mean = x.mean(axis=0, dtype=np.float64)
-    xc = (x - mean).astype(np.float32)
+    xc = x - mean.astype(np.float32)  # float32: centering in float64 doubles PCA's time
     cov = (xc.T @ xc).astype(np.float64) / max(1, len(xc) - 1)
     evals, evecs = np.linalg.eigh(cov)
     top = np.argsort(evals)[::-1][:dim]
@@ -401,11 +401,15 @@ def cluster_features(
     x = pca_whiten(feats, pca_dim, whiten=whiten, l2=l2, seed=seed)
     _, rows = rows_of(index, initial_indices(index, k, seed))
     centroids, _ = kmeans(x, k, niter, seed, max_points_per_centroid, use_gpu, x[rows])
-    labels, _ = assign(x, centroids, use_gpu)
+    labels, sq_dist = assign(x, centroids, use_gpu)
     labels, centroids, n_empty = split_empty_clusters(
         x, labels, centroids, np.random.default_rng(seed), split_eps
     )
-    loss = mean_squared_distance(x, centroids, labels)
+    # The assignment's distances are the objective unless a split moved centroids.
+    if n_empty:
+        loss = mean_squared_distance(x, centroids, labels)
+    else:
+        loss = float(sq_dist.mean(dtype=np.float64))
     if n_empty:
         log.info("split %d empty clusters", n_empty)
     return Clustering(labels, centroids, loss, n_empty)

@@ -1,0 +1,221 @@
+"""What every benchmark shares: the machine and commit it ran on, its section of BENCHMARKS.md,
+and a way to run a function on N local processes with torchrun's environment (gloo ranks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import pickle
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "BENCHMARKS.md"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return None
+
+
+def cores() -> str:
+    try:
+        return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(os.cpu_count())
+
+
+def machine() -> str:
+    """One line: cores, CPU model, RAM, GPU, torch version."""
+    ram = ram_gib()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cores()} cores (`nproc`), {cpu_model()}, "
+        f"{f'{ram:.0f} GiB RAM' if ram else 'RAM unknown'}, {gpu}; torch {torch.__version__}"
+    )
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "none (no commit yet)"
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    return f"{out}{' + uncommitted changes' if dirty else ''}"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+LOAD_AT_START = load_average()  # before the benchmark's own work: is anything else running?
+
+
+def provenance(module: str, runtime_s: float) -> list[str]:
+    """The Markdown bullets that say when, where and how a section was measured."""
+    return [
+        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; commit: {git_commit()}",
+        f"- Machine: {machine()}",
+        f"- Command: `{' '.join([f'.venv/bin/python -m {module}', *sys.argv[1:]])}`",
+        f"- Runtime of the benchmark: {runtime_s:.0f} s; load average (1, 5, 15 min) when it "
+        f"started: {LOAD_AT_START}, at the end: {load_average()} (its own work included)",
+    ]
+
+
+def replace_section(path: Path, heading: str, section: str) -> None:
+    """Put `section` in place of the file's section under `heading`, keeping all others.
+
+    A section runs to the next heading of level 1 or 2 outside a code fence, or to the end.
+    """
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        new = [*lines, *([""] if lines and lines[-1].strip() else []), *section.splitlines()]
+    else:
+        end, fenced = len(lines), False
+        for i in range(start + 1, len(lines)):
+            if lines[i].lstrip().startswith("```"):
+                fenced = not fenced
+            elif not fenced and re.match(r"^#{1,2} ", lines[i]):
+                end = i
+                break
+        tail = lines[end:]
+        new = [*lines[:start], *section.splitlines(), *([""] if tail else []), *tail]
+    while new and not new[-1].strip():
+        new.pop()
+    path.write_text("\n".join(new) + "\n")
+
+
+def publish(heading: str, section: str, write: bool) -> None:
+    """Print the section and, unless told not to, replace it in BENCHMARKS.md."""
+    print("\n" + section)
+    if write:
+        replace_section(BENCHMARKS, heading, section)
+        print(f"wrote section {heading!r} of {BENCHMARKS}")
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    """Markdown table lines; `align` has one character per column, l or r (default: l then r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
+    return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# Each rank is a fresh `python -c` process, as torchrun starts `python -m cluster_pipeline`:
+# a DataLoader worker started from the forkserver then re-imports no main module (a bench
+# module as __main__ would be re-imported by every worker of every epoch, seconds each).
+_BOOT = "import sys; from bench.common import _rank_entry; _rank_entry(sys.argv[1])"
+
+
+def _rank_entry(out: str) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    try:
+        module, name, args = pickle.loads(Path(out, "call.pkl").read_bytes())
+        fn = getattr(importlib.import_module(module), name)
+        result: Any = ("ok", fn(rank, world, *args))
+    except BaseException as exc:
+        result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 600) -> list[Any]:
+    """fn(rank, world, *args) on `world` local processes with torchrun's environment (so
+    `dist.init_distributed` joins a gloo group) and cores ÷ world threads each, as
+    `launch.local` runs ranks; returns the results in rank order. `fn` must be module-level.
+    """
+    threads = str(max(1, (os.cpu_count() or 1) // world))
+    port = str(_free_port())
+    with tempfile.TemporaryDirectory() as out:
+        module = fn.__module__
+        if module == "__main__":  # `python -m bench.NAME`: the rank imports bench.NAME
+            spec = getattr(sys.modules["__main__"], "__spec__", None)
+            if spec is None:
+                raise ValueError(f"run_ranks: {fn.__qualname__} must live in an importable module")
+            module = spec.name
+        Path(out, "call.pkl").write_bytes(pickle.dumps((module, fn.__qualname__, args)))
+        procs = []
+        for rank in range(world):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                OMP_NUM_THREADS=threads,
+                PYTHONPATH=str(REPO),
+            )
+            procs.append(subprocess.Popen([sys.executable, "-c", _BOOT, out], cwd=REPO, env=env))
+        deadline = time.monotonic() + timeout
+        try:
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"ranks did not finish within {timeout} s") from None
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        missing = [r for r in range(world) if not Path(out, f"rank{r}.pkl").exists()]
+        if missing:
+            codes = [p.returncode for p in procs]
+            raise RuntimeError(f"rank(s) {missing} left no result (exit codes {codes})")
+        results = [pickle.loads(Path(out, f"rank{r}.pkl").read_bytes()) for r in range(world)]
+    errors = [f"rank {r}: {msg}" for r, (status, msg) in enumerate(results) if status == "error"]
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [value for _, value in results]
