@@ -687,9 +687,16 @@ def broadcast_buffers(ctx: DistContext, model: nn.Module) -> None:
     """
     if not ctx.distributed:
         return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for buf in model.buffers():
-        if ctx.device.type == "cuda" or buf.device.type == "cpu":
-            tdist.broadcast(buf.data, src=0)
+        by_dtype.setdefault(buf.dtype, []).append(buf.data)
+    for bufs in by_dtype.values():  # one message per dtype rather than one per buffer
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        tdist.broadcast(flat, src=0)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def wrap_ddp(ctx: DistContext, model: nn.Module, sync_bn: bool = False) -> nn.Module:

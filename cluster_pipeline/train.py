@@ -112,7 +112,7 @@ def cluster_epoch(
     gather: rank 0 clusters everything (None elsewhere), labels per sample. sharded: every
     rank, with the labels of its own rows.
     """
-    c, seed = cfg.cluster, cfg.train.seed * 1_000_003 + epoch
+    c, seed = cfg.cluster, epoch_seed(cfg, epoch)
     if c.mode == "sharded":
         assert isinstance(features, Shard)
         return cluster_shard(
