@@ -30,7 +30,9 @@ def cmd_make_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    folder = run_extract(load_config(args.config, args.overrides), args.checkpoint, args.out)
+    layers = [name for name in (args.layers or "").split(",") if name]
+    cfg = load_config(args.config, args.overrides)
+    folder = run_extract(cfg, args.checkpoint, args.out, layers, args.pool)
     if folder is not None:
         print(f"wrote features to {folder}")
 
@@ -65,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "extract":
             p.add_argument("--checkpoint", help="model weights (a run checkpoint or a state_dict)")
             p.add_argument("--out", help="output folder (default: <run dir>/features)")
+            p.add_argument("--layers", help="named modules to tap instead of the embedding, a,b,c")
+            p.add_argument(
+                "--pool", default="avg", help="spatial pooling: avg, max, grid:S, dims:D"
+            )
         p.set_defaults(func=func)
     return parser
 

@@ -18,6 +18,7 @@ from . import dist
 from .config import Config, validate_against_data
 from .data.augment import center_crop, to_float
 from .data.reader import SampleReader, ShardError, ShardIndex, batch_loader, rank_partition
+from .layers import LayerTaps, load_weights, model_state
 from .models import ClusterNet, build_model
 from .rundir import prepare_run_dir
 
@@ -26,17 +27,25 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def extract_features(
-    model: ClusterNet, reader: SampleReader, cfg: Config, ctx: dist.DistContext
+    model: ClusterNet,
+    reader: SampleReader,
+    cfg: Config,
+    ctx: dist.DistContext,
+    taps: LayerTaps | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample indices, features, skipped sample indices) of this rank's share of the shards.
 
-    Samples are skipped only with data.on_error=skip. A failure on any rank (a bad shard, say)
+    The features are the model's embedding, or with `taps` the pooled outputs of its tapped
+    layers side by side (`taps.split` separates them). Samples are skipped only with
+    data.on_error=skip. A failure on any rank (a bad shard, say)
     is raised on every rank rather than leaving the others waiting in the gather.
     Collective: call on every rank.
     """
     dist.broadcast_buffers(ctx, model)  # every rank extracts with rank 0's BatchNorm statistics
     indices = rank_partition(reader.index.num_samples, ctx.rank, ctx.world)
-    feats = np.empty((len(indices), model.feature_dim), dtype=np.float32)
+    dim = taps.measure(cfg.data.channels, cfg.data.image_size, ctx.device) if taps else 0
+    feats = np.empty((len(indices), dim or model.feature_dim), dtype=np.float32)
+    embed = taps.forward if taps else model.features
     seen = np.empty(len(indices), dtype=np.int64)
     skipped: list[np.ndarray] = []
     error: BaseException | None = None
@@ -61,7 +70,7 @@ def extract_features(
             x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
             x = center_crop(x, cfg.data.image_size)
             with extraction_precision(cfg, ctx):
-                pending.add(pos, model.features(as_layout(x, cfg, ctx)))
+                pending.add(pos, embed(as_layout(x, cfg, ctx)))
             seen[pos : pos + len(idx)] = idx.numpy()
             pos += len(idx)
         pending.flush()
@@ -139,12 +148,24 @@ def as_layout(x: torch.Tensor, cfg: Config, ctx: dist.DistContext) -> torch.Tens
     return x
 
 
-def save_features(out: Path, gathered: dist.Gathered | None, labels: np.ndarray | None) -> None:
+def save_features(
+    out: Path,
+    gathered: dist.Gathered | None,
+    labels: np.ndarray | None,
+    taps: LayerTaps | None = None,
+) -> None:
     """features.npy (row j = sample index.npy[j]: every sample but the skipped ones, listed in
-    skipped.npy when there are any), and labels.npy of the rows when the classes are known."""
+    skipped.npy when there are any), and labels.npy of the rows when the classes are known.
+
+    With `taps`, one features-<layer>.npy per tapped layer instead of features.npy.
+    """
     assert gathered is not None
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "features.npy", gathered.feats)
+    if taps is None:
+        np.save(out / "features.npy", gathered.feats)
+    else:
+        for name, rows in taps.split(gathered.feats).items():
+            np.save(out / f"features-{name}.npy", np.ascontiguousarray(rows))
     np.save(out / "index.npy", gathered.index)
     if len(gathered.skipped):
         np.save(out / "skipped.npy", gathered.skipped)
@@ -177,24 +198,36 @@ def open_data_and_model(
     return index, SampleReader(index, cfg.data.load_size, cfg.data.channels), model
 
 
-def run_extract(cfg: Config, weights: str | None, out: str | None) -> Path | None:
-    """`cluster-pipeline extract`: features of every sample, gathered and saved by rank 0."""
+def run_extract(
+    cfg: Config, weights: str | None, out: str | None, layers: list[str] | None = None,
+    pool: str = "avg",
+) -> Path | None:  # fmt: skip
+    """`cluster-pipeline extract`: features of every sample, gathered and saved by rank 0.
+
+    With `layers`, the pooled activations of those named modules instead of the embedding.
+    """
     ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
     with dist.naming_lost_ranks(ctx):
-        return _extract_and_save(cfg, ctx, weights, out)
+        return _extract_and_save(cfg, ctx, weights, out, layers, pool)
 
 
 def _extract_and_save(
-    cfg: Config, ctx: dist.DistContext, weights: str | None, out: str | None
+    cfg: Config,
+    ctx: dist.DistContext,
+    weights: str | None,
+    out: str | None,
+    layers: list[str] | None,
+    pool: str,
 ) -> Path | None:
     run_dir = prepare_run_dir(cfg, ctx)
     index, reader, model = open_data_and_model(cfg, ctx)
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state))
-    idx, feats, skipped = extract_features(model, reader, cfg, ctx)
+        load_weights(model, model_state(weights), weights)
+    taps = LayerTaps(model, layers, pool) if layers else None
+    with taps or contextlib.nullcontext():
+        idx, feats, skipped = extract_features(model, reader, cfg, ctx, taps)
     gathered = dist.gather_features(ctx, idx, feats, index.num_samples, skipped)
     folder = Path(out) if out else run_dir / "features"
-    dist.on_rank0(ctx, save_features, folder, gathered, index.labels)
+    dist.on_rank0(ctx, save_features, folder, gathered, index.labels, taps)
     dist.shutdown(ctx)
     return folder if ctx.is_main else None

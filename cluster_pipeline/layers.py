@@ -1,0 +1,178 @@
+"""The activations of any named module of a project model, pooled to a fixed size.
+
+Linear probes per layer (`evaluate`), ClusterFit's choice of layer and the activation analyses all
+need the same thing: during one forward pass, keep the output of a few named modules, pool the
+spatial ones to a fixed size, and hand back one row per image. `LayerTaps` does that with forward
+hooks; `extract_features(..., taps=...)` runs it over the shards exactly once, like the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError
+from .models import ClusterNet
+
+# Pool rules for spatial (N, C, H, W) activations:
+#   "avg" / "max": global average / max pooling, C values;
+#   "grid:S": adaptive average pooling to S x S, C * S * S values;
+#   "dims:D": adaptive average pooling to the largest S x S grid with C * S * S <= D (at least
+#             1 x 1), DeepCluster's evaluation rule of pooling every conv layer to ~9600 values.
+POOL_RULE = re.compile(r"^(avg|max|grid:[1-9]\d*|dims:[1-9]\d*)$")
+
+
+def check_pool_rule(rule: str) -> None:
+    if not POOL_RULE.match(rule):
+        raise ConfigError(f"pool rule {rule!r} is unknown; use avg, max, grid:S or dims:D")
+
+
+def pooled_grid(rule: str, channels: int, height: int) -> int:
+    """The side S of the S x S grid `rule` pools a (C, H, H) activation to (0: global max)."""
+    if rule == "max":
+        return 0
+    if rule == "avg":
+        return 1
+    kind, value = rule.split(":")
+    side = int(value) if kind == "grid" else math.isqrt(max(1, int(value) // channels))
+    return max(1, min(side, height))
+
+
+def pool_activation(x: torch.Tensor, rule: str) -> torch.Tensor:
+    """(N, ...) activation -> (N, D) float rows; (N, C) and (N, D) activations pass unpooled."""
+    if x.dim() <= 2:
+        return x.reshape(len(x), -1).float()
+    if x.dim() != 4:
+        x = x.reshape(*x.shape[:2], -1, 1)  # (N, C, L): a 1-D map, pooled along L
+    side = pooled_grid(rule, x.shape[1], x.shape[2])
+    if side == 0:
+        return torch.amax(x, dim=(2, 3)).float()
+    return torch.flatten(F.adaptive_avg_pool2d(x.float(), side), 1)
+
+
+def module_names(model: nn.Module) -> list[str]:
+    """Every named module, outermost first ("conv1", "conv1.0", ...)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def find_module(model: ClusterNet, name: str) -> nn.Module:
+    """The module called `name`, or an error that lists the model's named blocks."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        blocks = ", ".join((*model.layer_names, "fc", "classifier", "head"))
+        raise ConfigError(
+            f"layer {name!r} is not a module of {type(model).__name__}; its blocks are "
+            f"{blocks} (any name from model.named_modules() works, e.g. {model.layer_names[0]}.0)"
+        ) from None
+
+
+class LayerTaps:
+    """Forward hooks on named modules that keep their pooled outputs during one forward pass.
+
+    `forward(x)` runs the whole model (features and head, so "head" can be tapped too) and
+    returns the tapped outputs side by side, one row per image; `split` cuts such rows back
+    into one array per layer. Use as a context manager so the hooks are removed afterwards.
+    """
+
+    def __init__(self, model: ClusterNet, names: list[str], pool: str = "avg") -> None:
+        if not names:
+            raise ConfigError("no layer to tap; name at least one module")
+        check_pool_rule(pool)
+        self.model, self.names, self.pool = model, list(names), pool
+        self.modules = [find_module(model, n) for n in self.names]
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles: list[Any] = []
+        self.widths: list[int] = []
+
+    def __enter__(self) -> LayerTaps:
+        for name, module in zip(self.names, self.modules, strict=True):
+            self.handles.append(module.register_forward_hook(self._keep(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _keep(self, name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            self.outputs[name] = pool_activation(out, self.pool)
+
+        return hook
+
+    @torch.no_grad()
+    def measure(self, channels: int, image_size: int, device: torch.device) -> int:
+        """The row width, from one forward pass of a blank image (the model is put in eval)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.forward(torch.zeros(1, channels, image_size, image_size, device=device))
+        finally:
+            self.model.train(was_training)
+        return self.dim
+
+    @property
+    def dim(self) -> int:
+        if not self.widths:
+            raise RuntimeError("LayerTaps.measure() has not run: the row width is unknown")
+        return sum(self.widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.outputs = {}
+        self.model(x)
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in {type(self.model).__name__}")
+        rows = [self.outputs[n] for n in self.names]
+        self.widths = [r.shape[1] for r in rows]
+        self.outputs = {}
+        return torch.cat(rows, dim=1)
+
+    def split(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, dim) rows from `forward` -> {layer name: (N, width) view}."""
+        edges = np.cumsum([0, *self.widths])
+        return {n: rows[:, a:b] for n, a, b in zip(self.names, edges[:-1], edges[1:], strict=True)}
+
+
+def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in a run checkpoint (its "model" entry) or in a plain state_dict file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a readable checkpoint or state_dict: {exc}") from exc
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{path} holds no state_dict (a dict of tensors, or a 'model' entry)")
+    return state
+
+
+def load_weights(model: ClusterNet, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, resizing the head to the checkpoint's number of classes.
+
+    A DeepCluster head has cluster.k outputs and a RotNet head 4, so the head is sized from the
+    weights rather than from the config. Any other mismatch names the architecture to use.
+    """
+    if "head.weight" in state:
+        model.set_head(int(state["head.weight"].shape[0]))
+        model.head.to(next(model.parameters()).device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2]
+        raise ConfigError(
+            f"{source} does not fit model.arch of this config ({type(model).__name__}): "
+            f"{' '.join(first).strip() or exc}; set model.arch (and model.width, model.sobel) "
+            "to the architecture the weights were trained with"
+        ) from None
