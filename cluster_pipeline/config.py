@@ -199,13 +199,22 @@ class Config:
     name: str = "run"
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Merge defaults, a YAML file and `key=value` overrides into a validated Config."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    text: str | None = None,
+    origin: str = "",
+) -> Config:
+    """Merge defaults, a YAML file (or YAML `text` from `origin`, e.g. a checkpoint's saved
+    config) and `key=value` overrides into a validated Config."""
     schema = OmegaConf.structured(Config)
     where = "defaults"
     try:
         merged = schema
-        if path is not None:
+        if text is not None:
+            where = origin or "YAML text"
+            merged = OmegaConf.merge(merged, OmegaConf.create(text))
+        elif path is not None:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {path} does not exist")

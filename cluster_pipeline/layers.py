@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError
+from .config import Config, ConfigError, load_config
 from .models import ClusterNet
 
 # Pool rules for spatial (N, C, H, W) activations:
@@ -141,6 +141,25 @@ class LayerTaps:
         """(N, dim) rows from `forward` -> {layer name: (N, width) view}."""
         edges = np.cumsum([0, *self.widths])
         return {n: rows[:, a:b] for n, a, b in zip(self.names, edges[:-1], edges[1:], strict=True)}
+
+
+def config_for_weights(
+    config: str | None, weights: str, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """The config a command on `weights` runs with: `config` when given, else the one a run
+    checkpoint saved (its model and data settings), plus `overrides` (e.g. data.shards=...)."""
+    if config is not None:
+        return load_config(config, overrides)
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"checkpoint {weights} does not exist")
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    text = saved.get("config") if isinstance(saved, dict) else None
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"{weights} is a plain state_dict with no saved config: pass --config with the "
+            "model.arch and data settings it was trained with"
+        )
+    return load_config(None, overrides, text=text, origin=f"the config saved in {weights}")
 
 
 def model_state(path: str | Path) -> dict[str, torch.Tensor]:

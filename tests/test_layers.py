@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 from test_e2e import cli
 
-from cluster_pipeline.config import ConfigError, ModelConfig
-from cluster_pipeline.layers import LayerTaps, load_weights, model_state, pool_activation
+from cluster_pipeline.config import ConfigError, ModelConfig, load_config, to_yaml
+from cluster_pipeline.layers import (
+    LayerTaps,
+    config_for_weights,
+    load_weights,
+    model_state,
+    pool_activation,
+)
 from cluster_pipeline.models import build_model
 
 
@@ -99,3 +105,17 @@ def test_extract_layers_on_two_ranks_equals_one_process(
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
     bad = extract("bad", "block7")
     assert bad.returncode == 2 and "'block7' is not a module of SmallCNN" in bad.stderr
+
+
+def test_config_comes_from_a_run_checkpoint_or_config(tmp_path: Path) -> None:
+    cfg = load_config("configs/digits_test.yaml", ["model.width=12"])
+    model = build_model(cfg.model, 1, 10)
+    torch.save({"model": model.state_dict(), "config": to_yaml(cfg)}, tmp_path / "run.pt")
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    got = config_for_weights(None, str(tmp_path / "run.pt"), ["data.shards=/x"])
+    assert got.model.width == 12 and got.data.shards == "/x"
+    assert (
+        config_for_weights("configs/digits_test.yaml", str(tmp_path / "plain.pt")).model.width == 8
+    )
+    with pytest.raises(ConfigError, match="plain state_dict with no saved config"):
+        config_for_weights(None, str(tmp_path / "plain.pt"))
