@@ -44,6 +44,12 @@ class DataConfig:
     on_error: str = "fail"
     # With on_error=skip, stop anyway when more than this fraction of the samples is unreadable.
     max_skip_fraction: float = 0.01
+    # Which samples a command sees: all, or the train / test side of a fixed split (a hash of
+    # the sample id and split_seed puts round(test_fraction * N) samples in test; MNIST-5k:
+    # 4000 / 1000). Training on train and evaluating on test never mixes the two.
+    split: str = "all"
+    test_fraction: float = 0.2
+    split_seed: int = 0
 
 
 @dataclass
@@ -261,6 +267,14 @@ def validate_config(cfg: Config) -> None:
         (cfg.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (cfg.data.extract_batch_size >= 1, "data.extract_batch_size must be >= 1"),
         (cfg.data.on_error in ("fail", "skip"), f"data.on_error={cfg.data.on_error}: fail or skip"),
+        (
+            cfg.data.split in ("all", "train", "test"),
+            f"data.split={cfg.data.split}: all, train or test",
+        ),
+        (
+            0.0 < cfg.data.test_fraction < 1.0,
+            f"data.test_fraction={cfg.data.test_fraction}: between 0 and 1",
+        ),
         (0 <= cfg.data.max_skip_fraction < 1, "data.max_skip_fraction must be in [0, 1)"),
         (cfg.train.batch_size >= 1, f"train.batch_size={cfg.train.batch_size} must be >= 1"),
         (

@@ -189,7 +189,7 @@ def open_data_and_model(
         error = exc
     dist.raise_if_any_rank_failed(ctx, error)
     assert loaded is not None
-    index = loaded
+    index = loaded.split(cfg.data.split, cfg.data.test_fraction, cfg.data.split_seed)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k).to(ctx.device)
     if ctx.device.type == "cuda" and cfg.model.channels_last:

@@ -108,7 +108,7 @@ def sample_keys(index: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
 
 
 # Salts of the different choices made from one seed.
-SALT_INIT, SALT_PCA, SALT_TRAIN, SALT_COIN = 1, 2, 3, 4
+SALT_INIT, SALT_PCA, SALT_TRAIN, SALT_COIN, SALT_SPLIT = 1, 2, 3, 4, 5
 
 
 def initial_indices(index: np.ndarray, k: int, seed: int) -> np.ndarray:

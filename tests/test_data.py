@@ -429,3 +429,29 @@ def test_feature_sink_writes_buffered_batches_in_place() -> None:
     assert (out[9] == -1).all()  # held until flush
     sink.flush()
     assert np.array_equal(out, rows.numpy())
+
+
+def test_eval_split_is_fixed_disjoint_and_reads_the_right_images(digits_shards: Path) -> None:
+    whole = ShardIndex.load(digits_shards)
+    train, test = whole.split("train", 0.2, 0), whole.split("test", 0.2, 0)
+    assert (train.num_samples, test.num_samples) == (1438, 359)
+    assert train.ids is not None and test.ids is not None
+    assert not set(train.ids) & set(test.ids)  # never mixes train and test
+    assert np.array_equal(np.sort(np.concatenate([train.ids, test.ids])), np.arange(1797))
+    again = ShardIndex.load(digits_shards).split("test", 0.2, 0)
+    assert again.ids is not None and np.array_equal(again.ids, test.ids)  # same on every run
+    assert not np.array_equal(whole.split("test", 0.2, 1).ids, test.ids)  # the seed matters
+    assert test.labels is not None and whole.labels is not None
+    assert np.array_equal(test.labels, whole.labels[test.ids])
+    assert len(set(test.labels.tolist())) == 10  # blind to class: every digit is in test
+    a, b = SampleReader(whole, 8, 1), SampleReader(test, 8, 1)
+    for row in (0, 100, 358):
+        assert np.array_equal(b.read(row), a.read(int(test.ids[row])))
+    assert whole.split("all", 0.2, 0) is whole
+
+
+def test_mnist5k_split_is_4000_1000() -> None:
+    from cluster_pipeline.data.reader import split_ids
+
+    train, test = split_ids(5000, 0.2, 0)
+    assert (len(train), len(test)) == (4000, 1000)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from test_e2e import cli
 
 from cluster_pipeline.config import ConfigError, ModelConfig, load_config, to_yaml
+from cluster_pipeline.data.reader import ShardIndex
 from cluster_pipeline.layers import (
     LayerTaps,
     config_for_weights,
@@ -119,3 +120,13 @@ def test_config_comes_from_a_run_checkpoint_or_config(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="plain state_dict with no saved config"):
         config_for_weights(None, str(tmp_path / "plain.pt"))
+
+
+def test_extract_on_the_test_split(digits_shards: Path, tmp_path: Path) -> None:
+    res = cli("extract", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              "data.split=test", f"run.dir={tmp_path / 'run'}",
+              "--out", str(tmp_path / "f"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    test = ShardIndex.load(digits_shards).split("test", 0.2, 0)
+    assert np.load(tmp_path / "f" / "features.npy").shape == (359, 128)
+    assert np.array_equal(np.load(tmp_path / "f" / "labels.npy"), test.labels)

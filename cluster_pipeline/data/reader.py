@@ -9,6 +9,7 @@ and reports it, so one bad image costs one sample, not the batch or the run.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from ..kmeans import SALT_SPLIT, sample_keys
 from .shards import (
     FINGERPRINT_BYTES,
     FORMAT,
@@ -64,6 +66,10 @@ class ShardIndex:
     shard_bytes: np.ndarray
     samples: np.ndarray  # (N, 4) int64: shard, offset, size, class (-1 unknown)
     classes: list[str]
+    # The sample id (its key in the shards) of each row; None: row i is sample i. A split
+    # (`split`) keeps some rows, renumbered 0..n-1 for everything downstream.
+    ids: np.ndarray | None = None
+    split_name: str = "all"
 
     @property
     def num_samples(self) -> int:
@@ -74,6 +80,18 @@ class ShardIndex:
         """True classes (evaluation only), or None when any is unknown."""
         col = self.samples[:, 3]
         return None if (col < 0).any() else col
+
+    def sample_id(self, i: int) -> int:
+        return i if self.ids is None else int(self.ids[i])
+
+    def split(self, name: str, test_fraction: float, seed: int) -> ShardIndex:
+        """The rows of split `name` (all, train or test) of `split_ids`'s fixed rule."""
+        if name == "all":
+            return self
+        train, test = split_ids(self.num_samples, test_fraction, seed)
+        keep = train if name == "train" else test
+        ids = keep if self.ids is None else self.ids[keep]
+        return dataclasses.replace(self, samples=self.samples[keep], ids=ids, split_name=name)
 
     def shards_of(self, indices: np.ndarray) -> list[str]:
         return [self.shard_names[s] for s in np.unique(self.samples[indices, 0])]
@@ -118,6 +136,17 @@ class ShardIndex:
                 "restore them, or re-run `cluster-pipeline make-shards` to rewrite shards and index"
             )
         return cls(root, names, counts, sizes, samples, list(meta.get("classes", [])))
+
+
+def split_ids(num_samples: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, test ids), sorted: the test set is the round(test_fraction * N) samples with
+    the smallest keys of a hash of (sample id, seed). A pure function of (N, fraction, seed):
+    the same on every run, rank and machine, disjoint, and blind to class and shard layout
+    (MNIST-5k with the defaults: 4000 / 1000)."""
+    ids = np.arange(num_samples, dtype=np.int64)
+    order = np.lexsort((ids, sample_keys(ids, seed, SALT_SPLIT)))
+    n_test = round(test_fraction * num_samples)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 def _check_shard(
@@ -209,6 +238,7 @@ class SampleReader:
         offset belong to another sample (the shard was rewritten: every offset is suspect).
         """
         shard, offset, size, _ = (int(v) for v in self.index.samples[i])
+        i = self.index.sample_id(i)  # its key in the shard (differs from the row in a split)
         raw = os.pread(self._fd(shard), TAR_HEADER + size, offset - TAR_HEADER)
         if len(raw) != TAR_HEADER + size:
             raise _sample_error(
