@@ -410,8 +410,8 @@ def test_batch_loader_workers_come_from_a_forkserver_with_a_timeout(digits_shard
     """Forked workers of a threaded rank can deadlock (CPython gh-112275); a stall must error."""
     reader = SampleReader(ShardIndex.load(digits_shards), load_size=8, channels=1)
     loader = batch_loader(reader, np.arange(300), batch_size=128, num_workers=2, timeout_s=30)
-    assert loader.multiprocessing_context.get_start_method() == "forkserver"
-    assert loader.timeout == 30
+    assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert loader.loader.timeout == 30
     seen = np.concatenate([batch.indices.numpy() for batch in loader])
     np.testing.assert_array_equal(seen, np.arange(300))
 
@@ -455,3 +455,25 @@ def test_mnist5k_split_is_4000_1000() -> None:
 
     train, test = split_ids(5000, 0.2, 0)
     assert (len(train), len(test)) == (4000, 1000)
+
+
+def test_batch_loader_reuses_a_ring_of_shared_buffers_without_mixing_batches(
+    digits_shards: Path,
+) -> None:
+    """Each worker decodes into RING_SLOTS buffers in turn; every batch still arrives intact."""
+    from cluster_pipeline.data.reader import RING_SLOTS
+
+    reader = SampleReader(ShardIndex.load(digits_shards), load_size=8, channels=1)
+    order = np.random.default_rng(0).permutation(1797)
+    loader = batch_loader(reader, order, batch_size=20, num_workers=2, timeout_s=60)
+    alive, got = [], []
+    for batch in loader:  # 90 batches: each worker's ring goes round ~7 times
+        alive.append(batch.images)  # all kept: fresh buffers per batch would be 90 mappings
+        got.append((batch.indices.numpy().copy(), batch.images.numpy().copy()))
+    buffers = {images.untyped_storage().data_ptr() for images in alive}
+    assert len(buffers) <= RING_SLOTS * 2  # reused, not one fresh buffer per batch
+    seen = np.concatenate([idx for idx, _ in got])
+    np.testing.assert_array_equal(seen, order)
+    direct = SampleReader(ShardIndex.load(digits_shards), load_size=8, channels=1)
+    for idx, images in got[::7]:
+        np.testing.assert_array_equal(images, direct.read_batch(idx))
