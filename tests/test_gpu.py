@@ -1,0 +1,112 @@
+"""The GPU paths: faiss on every GPU of rank 0's node, each rank's own GPU in sharded mode,
+bf16 + channels_last extraction, and NCCL ranks. Without CUDA each test is skipped, saying
+what it needs; none returns early and passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from test_e2e import cli
+
+from cluster_pipeline import kmeans
+from cluster_pipeline.config import load_config
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+from cluster_pipeline.dist import DistContext
+from cluster_pipeline.extract import extract_features
+from cluster_pipeline.models import build_model
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
+)
+needs_faiss_gpu = pytest.mark.skipif(
+    kmeans.num_gpus() == 0, reason="needs faiss-gpu and a GPU (pip install '.[gpu]' on a GPU node)"
+)
+needs_two_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for 2 NCCL ranks on one node"
+)
+
+
+def blobs(n: int = 20000, d: int = 64, k: int = 50) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((k, d)).astype(np.float32) * 4
+    return centers[rng.integers(0, k, n)] + rng.standard_normal((n, d)).astype(np.float32)
+
+
+@needs_faiss_gpu
+def test_faiss_kmeans_on_every_gpu_agrees_with_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = blobs()
+    used: list[object] = []
+    real = faiss.Kmeans
+
+    def spy(*args: object, **kw: object) -> faiss.Kmeans:
+        used.append(kw.get("gpu"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(faiss, "Kmeans", spy)
+    c_gpu, _ = kmeans.kmeans(x, 50, niter=10, use_gpu=True, init_centroids=x[:50])
+    c_cpu, _ = kmeans.kmeans(x, 50, niter=10, use_gpu=False, init_centroids=x[:50])
+    assert used == [kmeans.num_gpus(), False]  # rank 0 trains on all of its node's GPUs
+    l_gpu, _ = kmeans.assign(x, c_gpu, use_gpu=True)
+    l_cpu, _ = kmeans.assign(x, c_cpu, use_gpu=False)
+    assert (l_gpu == l_cpu).mean() > 0.99  # same start: only float summation order differs
+
+
+@needs_faiss_gpu
+def test_a_ranks_own_gpu_index_assigns_like_the_cpu() -> None:
+    x = blobs()
+    centroids = x[:50].copy()
+    l_cpu, d_cpu = kmeans.assign(x, centroids, use_gpu=False)
+    l_gpu, d_gpu = kmeans.assign(x, centroids, use_gpu=False, gpu=kmeans.GpuIndex(0))
+    np.testing.assert_allclose(d_gpu, d_cpu, rtol=1e-3, atol=1e-3)
+    assert (l_gpu == l_cpu).mean() > 0.999
+
+
+@needs_cuda
+def test_extraction_in_bf16_channels_last_matches_fp32_on_cpu(digits_shards: Path) -> None:
+    cfg = load_config(
+        "configs/digits_test.yaml",
+        [f"data.shards={digits_shards}", "data.num_workers=0", "model.extract_bf16=true",
+         "model.channels_last=true"],
+    )  # fmt: skip
+    reader = SampleReader(ShardIndex.load(digits_shards), cfg.data.load_size, 1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, 10)
+    gpu_model = build_model(cfg.model, 1, 10)
+    gpu_model.load_state_dict(model.state_dict())
+    gpu_model = gpu_model.cuda().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    cpu = DistContext(0, 1, 0, torch.device("cpu"))
+    gpu = DistContext(0, 1, 0, torch.device("cuda", 0))
+    idx_c, f_c, _ = extract_features(model, reader, cfg, cpu)
+    idx_g, f_g, _ = extract_features(gpu_model, reader, cfg, gpu)
+    assert np.array_equal(idx_c, idx_g) and f_g.dtype == np.float32
+    cos = (f_c * f_g).sum(1) / (np.linalg.norm(f_c, axis=1) * np.linalg.norm(f_g, axis=1))
+    assert cos.min() > 0.99  # bf16 rounding only
+
+
+@needs_cuda
+def test_train_one_epoch_on_the_gpu(digits_shards: Path, tmp_path: Path) -> None:
+    res = cli("train", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              f"run.dir={tmp_path / 'run'}", "train.epochs=1")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["epoch"] == 0 and rows[0]["n_empty_before_split"] is not None
+
+
+@needs_two_gpus
+def test_two_nccl_ranks_train_and_extract(digits_shards: Path, tmp_path: Path) -> None:
+    for mode in ("gather", "sharded"):
+        res = cli("train", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+                  f"run.dir={tmp_path / mode}", "train.epochs=2", f"cluster.mode={mode}",
+                  nproc=2)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in rows] == [0, 1]
+    res = cli("extract", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              f"run.dir={tmp_path / 'x'}", "--out", str(tmp_path / "f"), nproc=2)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "f" / "index.npy"), np.arange(1797))
