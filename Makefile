@@ -50,7 +50,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy cluster_pipeline launch
+	$(PY) -m mypy cluster_pipeline launch bench
 
 format: $(STAMP)
 	$(PY) -m ruff format .

@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import provenance, publish, table
-from cluster_pipeline.data.reader import Batch, SampleReader, ShardIndex, batch_loader
+from cluster_pipeline.data.reader import Batch, BatchLoader, SampleReader, ShardIndex, batch_loader
 from cluster_pipeline.data.shards import Source, write_shards
 
 SECTION = "## Data path (shard reader vs plain PIL decode)"
@@ -154,7 +154,7 @@ def time_loader(loader: Iterable, workers: int) -> tuple[float, float, int, floa
     return end - start, end - arrivals[mark], sum(sizes[mark + 1 :]), arrivals[0] - start
 
 
-def project_loader(reader: SampleReader, n: int, batch_size: int, workers: int) -> DataLoader:
+def project_loader(reader: SampleReader, n: int, batch_size: int, workers: int) -> BatchLoader:
     return batch_loader(reader, np.arange(n, dtype=np.int64), batch_size, workers)
 
 
