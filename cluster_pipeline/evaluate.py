@@ -9,6 +9,17 @@ test split  ──extract once, every tapped layer──▶ rows per rank ──
 
 The shards are opened twice, as data.split=train (fitting) and data.split=test (scoring),
 whatever the config's data.split says: the fixed hash split of `split_ids`.
+
+Output folder: `--out`; else <run>/eval/<checkpoint stem> for a run's checkpoint; else
+runs/<config name>-eval-<time>. It holds config.yaml, logs/, evaluation.md, samples-train.npy and
+samples-test.npy (the sample ids fitted on and scored on) and evaluation.json (schema 1):
+  schema, checkpoint (path or null), random_init, arch, shards, pool,
+  probe: {layer: {top1 (test), train_top1, dim, loss (final objective), iters, seconds}},
+  knn: {k, top1, layer, dim, vote: "weighted", temperature, seconds},
+  nmi, ari (k-means on the test split's knn layer vs the true classes),
+  kmeans: {k (= number of classes), pca_dim, layer},
+  split: {train, test, test_fraction, seed}, num_classes, world_size,
+  settings: {probe_iters, lr, weight_decay, knn_k, knn_temperature}, seconds (whole command).
 """
 
 from __future__ import annotations
