@@ -1,4 +1,4 @@
-"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train."""
+"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train, evaluate."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data.reader import ShardError
 from .data.shards import load_source, write_shards
+from .evaluate import format_table, run_evaluate
 from .extract import run_extract
+from .layers import config_for_weights
 from .stop import StopFlag, Stopped
 from .train import run_deepcluster
 
@@ -46,6 +48,24 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"run directory: {run_dir}\nreport: {run_dir / 'report.png'}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.checkpoint is None and args.config is None:
+        raise ConfigError("evaluate needs --checkpoint, or --config to evaluate a random init")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    if args.checkpoint is not None:
+        cfg = config_for_weights(args.config, args.checkpoint, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    layers = [name for name in (args.layers or "").split(",") if name]
+    weights = None if args.random_init else args.checkpoint
+    result = run_evaluate(cfg, weights, layers, args.out)
+    if result is not None:
+        folder, report = result
+        print(format_table(report))
+        print(f"evaluation: {folder / 'evaluation.json'} ({report['seconds']:.1f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
                 "--pool", default="avg", help="spatial pooling: avg, max, grid:S, dims:D"
             )
         p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "evaluate", help="linear probe per layer, kNN and k-means NMI: train split vs test split"
+    )
+    p.add_argument("--checkpoint", help="a run checkpoint (carries its config) or a state_dict")
+    p.add_argument("--config", help="YAML file; needed for a state_dict or a random init")
+    p.add_argument("--layers", help="named modules to probe, a,b,c (default: evaluate.layers, "
+                   "else the model's blocks); 'embedding' is model.features")  # fmt: skip
+    p.add_argument("--random-init", action="store_true",
+                   help="ignore the checkpoint's weights: a randomly initialised network of its "
+                   "(or the config's) architecture, seeded by train.seed")  # fmt: skip
+    p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name> for a "
+                   "run checkpoint, else runs/<config name>-eval-<time>)")  # fmt: skip
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. evaluate.pool=avg")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -190,6 +190,33 @@ class SlurmConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`cluster-pipeline evaluate`: linear probes per layer, kNN and NMI on frozen features."""
+
+    # Named modules that get a linear probe; empty means the model's blocks (model.layer_names:
+    # block1..block3, conv1..conv5, stem and layer1..layer4). "embedding" is model.features.
+    layers: list[str] = field(default_factory=list)
+    # Pooling of spatial activations before the probe: avg, max, grid:S or dims:D (DeepCluster
+    # pools every conv layer to about 9600 values: dims:9600). Rank 0 holds no probe features;
+    # each rank holds its share, N/ranks x (sum of the layers' widths) float32 values.
+    pool: str = "dims:9600"
+    # L-BFGS iterations of each probe: full-batch multinomial logistic regression on
+    # standardized features, loss and gradient summed over every rank's rows.
+    probe_iters: int = 100
+    # L-BFGS step size (its strong-Wolfe line search scales the step from here).
+    lr: float = 1.0
+    # L2 penalty on the probe's weights: mean cross-entropy + weight_decay / 2 * ||W||^2.
+    weight_decay: float = 1e-3
+    # Rows per matrix product when scoring probes and kNN (bounds the memory of one product).
+    batch_size: int = 1024
+    # Neighbours of the kNN classifier (cosine similarity, DINO's vote weighted by exp(s / T)).
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    # The layer kNN and the k-means NMI use; "embedding" is model.features (what is clustered).
+    knn_layer: str = "embedding"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -201,6 +228,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # The config file's stem, used to name run directories.
     name: str = "run"
 
@@ -305,6 +333,29 @@ def validate_config(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    validate_evaluate(cfg.evaluate)
+
+
+def validate_evaluate(e: EvaluateConfig) -> None:
+    from .layers import check_pool_rule  # layers imports this module
+
+    checks: list[tuple[bool, str]] = [
+        (e.probe_iters >= 1, f"evaluate.probe_iters={e.probe_iters} must be >= 1"),
+        (e.lr > 0, f"evaluate.lr={e.lr} must be > 0"),
+        (e.weight_decay >= 0, f"evaluate.weight_decay={e.weight_decay} must be >= 0"),
+        (e.batch_size >= 1, f"evaluate.batch_size={e.batch_size} must be >= 1"),
+        (e.knn_k >= 1, f"evaluate.knn_k={e.knn_k} must be >= 1"),
+        (e.knn_temperature > 0, f"evaluate.knn_temperature={e.knn_temperature} must be > 0"),
+        (bool(e.knn_layer), "evaluate.knn_layer is empty; use embedding or a module name"),
+        (all(e.layers), f"evaluate.layers={e.layers} holds an empty name"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        check_pool_rule(e.pool)
+    except ConfigError as exc:
+        raise ConfigError(f"evaluate.pool: {exc}") from None
 
 
 def validate_against_data(cfg: Config, num_samples: int, feature_dim: int, world: int) -> None:

@@ -477,6 +477,20 @@ def all_reduce_sum(ctx: DistContext, values: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
+def all_reduce_sum_tensor(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of a tensor of any shape and dtype, on the tensor's device (a
+    linear probe's loss and gradient, each step). Every rank gets the same values.
+
+    Collective: call on every rank.
+    """
+    if not ctx.distributed:
+        return t
+    dev = _comm_device(ctx)
+    buf = t.detach().to(dev).contiguous().clone()
+    tdist.all_reduce(buf)
+    return buf.to(t.device)
+
+
 @dataclass(frozen=True)
 class Gathered:
     """Rank 0's features of one extraction: row j is sample `index[j]`.

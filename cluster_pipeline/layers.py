@@ -26,6 +26,8 @@ from .models import ClusterNet
 #   "grid:S": adaptive average pooling to S x S, C * S * S values;
 #   "dims:D": adaptive average pooling to the largest S x S grid with C * S * S <= D (at least
 #             1 x 1), DeepCluster's evaluation rule of pooling every conv layer to ~9600 values.
+# The name that taps the embedding `model.features(x)` (what is clustered), not a module.
+EMBEDDING = "embedding"
 POOL_RULE = re.compile(r"^(avg|max|grid:[1-9]\d*|dims:[1-9]\d*)$")
 
 
@@ -67,7 +69,7 @@ def find_module(model: ClusterNet, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
-        blocks = ", ".join((*model.layer_names, "fc", "classifier", "head"))
+        blocks = ", ".join((*model.layer_names, "fc", "classifier", "head", EMBEDDING))
         raise ConfigError(
             f"layer {name!r} is not a module of {type(model).__name__}; its blocks are "
             f"{blocks} (any name from model.named_modules() works, e.g. {model.layer_names[0]}.0)"
@@ -77,9 +79,10 @@ def find_module(model: ClusterNet, name: str) -> nn.Module:
 class LayerTaps:
     """Forward hooks on named modules that keep their pooled outputs during one forward pass.
 
-    `forward(x)` runs the whole model (features and head, so "head" can be tapped too) and
-    returns the tapped outputs side by side, one row per image; `split` cuts such rows back
-    into one array per layer. Use as a context manager so the hooks are removed afterwards.
+    `forward(x)` runs the whole model (features and head, so "head" can be tapped too; the
+    name "embedding" taps `model.features`, which is a method, not a module) and returns the
+    tapped outputs side by side, one row per image; `split` cuts such rows back into one array
+    per layer. Use as a context manager so the hooks are removed afterwards.
     """
 
     def __init__(self, model: ClusterNet, names: list[str], pool: str = "avg") -> None:
@@ -87,14 +90,15 @@ class LayerTaps:
             raise ConfigError("no layer to tap; name at least one module")
         check_pool_rule(pool)
         self.model, self.names, self.pool = model, list(names), pool
-        self.modules = [find_module(model, n) for n in self.names]
+        self.modules = [None if n == EMBEDDING else find_module(model, n) for n in self.names]
         self.outputs: dict[str, torch.Tensor] = {}
         self.handles: list[Any] = []
         self.widths: list[int] = []
 
     def __enter__(self) -> LayerTaps:
         for name, module in zip(self.names, self.modules, strict=True):
-            self.handles.append(module.register_forward_hook(self._keep(name)))
+            if module is not None:
+                self.handles.append(module.register_forward_hook(self._keep(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -128,7 +132,10 @@ class LayerTaps:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.outputs = {}
-        self.model(x)
+        feats = self.model.features(x)  # model(x), with the embedding kept on the way
+        if EMBEDDING in self.names:
+            self.outputs[EMBEDDING] = pool_activation(feats, self.pool)
+        self.model.head(self.model.head_act(feats))
         missing = [n for n in self.names if n not in self.outputs]
         if missing:
             raise RuntimeError(f"layers {missing} did not run in {type(self.model).__name__}")
