@@ -14,7 +14,7 @@ from .data.reader import ShardError
 from .data.shards import load_source, write_shards
 from .extract import run_extract
 from .layers import config_for_weights
-from .specialists import METHODS, run_specialists
+from .specialists import COLUMNS, METHODS, run_specialists
 from .stop import StopFlag, Stopped
 from .train import run_deepcluster
 
@@ -55,7 +55,7 @@ def cmd_specialists(args: argparse.Namespace) -> None:
         # A run checkpoint's config names its training run: never write into that one.
         cfg.run.dir, cfg.name = "", f"specialists-{cfg.name}"
     run_dir = run_specialists(cfg, args.checkpoint, args.groups, args.method, args.seed,
-                              args.restarts, args.batch_size)  # fmt: skip
+                              args.restarts, args.batch_size, args.columns)  # fmt: skip
     if run_dir is not None:
         print(f"wrote {run_dir / 'specialists.json'}, covariance.npy and covariance.png")
 
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="kmeans",
                    help="kmeans: faiss Lloyd; online: mini-batch k-means (the paper's online "
                    "k-means)")  # fmt: skip
+    p.add_argument("--columns", choices=COLUMNS, default="correlation",
+                   help="cluster columns of the correlation (default: groups follow confusions) "
+                   "or of the covariance (the paper's literal recipe)")  # fmt: skip
     p.add_argument("--restarts", type=int, default=10, help="seeded k-means runs; the best wins")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="columns per online update")

@@ -37,6 +37,12 @@ from .rundir import prepare_run_dir
 log = logging.getLogger(__name__)
 
 METHODS = ("kmeans", "online")
+# What k-means clusters: columns of the correlation (each class's covariances divided by the
+# standard deviations), or of the covariance itself, as the paper states. Raw covariance columns
+# are dominated by each class's own variance at the diagonal, so confidently predicted classes
+# become singletons; on MNIST-5k the correlation's groups follow the confusions and the
+# covariance's do not (BENCHMARKS.md, "Specialists").
+COLUMNS = ("correlation", "covariance")
 # The heatmap shows at most this many rows and columns (block means of the ordered matrix).
 HEATMAP_MAX_CELLS = 1024
 
@@ -146,8 +152,20 @@ def stream_prediction_moments(
     return total, lost
 
 
+def column_matrix(cov: np.ndarray, columns: str) -> np.ndarray:
+    """The matrix whose columns are clustered (see COLUMNS); a class never predicted (zero
+    variance) gets a zero column."""
+    if columns == "covariance":
+        return cov
+    if columns != "correlation":
+        raise ConfigError(f"--columns {columns!r} is unknown; use one of {COLUMNS}")
+    sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+    inv = np.divide(1.0, sd, out=np.zeros_like(sd), where=sd > 0)
+    return cov * inv[:, None] * inv[None, :]
+
+
 def cluster_columns(
-    cov: np.ndarray,
+    matrix: np.ndarray,
     groups: int,
     method: str = "kmeans",
     seed: int = 0,
@@ -155,21 +173,22 @@ def cluster_columns(
     niter: int = 50,
     batch_size: int = 256,
 ) -> np.ndarray:
-    """Group id (0..groups-1) of every class: k-means on the columns of `cov`, the best of
+    """Group id (0..groups-1) of every class: k-means on the columns of the symmetric C x C
+    `matrix` (`column_matrix`: the covariance or the correlation), the best of
     `restarts` seeded runs, no group empty. Groups are numbered by their smallest class.
 
     kmeans: faiss Lloyd iterations on all columns. online: scikit-learn's mini-batch k-means,
     which updates the centroids from `batch_size` columns at a time, as the paper's online
     k-means does one at a time; for C up to a few thousand it rarely differs from kmeans.
     """
-    num_classes = len(cov)
+    num_classes = len(matrix)
     if not 1 <= groups <= num_classes:
         raise ConfigError(f"--groups {groups} must be in 1..{num_classes} (the classes)")
     if method not in METHODS:
         raise ConfigError(f"--method {method!r} is unknown; use one of {METHODS}")
     # k-means is scale-free; unit scale keeps faiss's float32 distances far from underflow.
-    scale = float(np.abs(cov).max()) or 1.0
-    x = np.ascontiguousarray(cov / scale, dtype=np.float32)
+    scale = float(np.abs(matrix).max()) or 1.0
+    x = np.ascontiguousarray(matrix / scale, dtype=np.float32)
     best: tuple[float, np.ndarray] | None = None
     for r in range(restarts):
         labels, centroids = _one_run(x, groups, method, seed + r, niter, batch_size)
@@ -228,7 +247,7 @@ def is_deepcluster_checkpoint(path: str) -> bool:
 
 def summary(
     labels: np.ndarray, names: list[str], method: str, num_samples: int, checkpoint: str,
-    split: str, skipped: int,
+    split: str, skipped: int, columns: str = "correlation",
 ) -> dict[str, Any]:  # fmt: skip
     """The content of specialists.json."""
     groups = []
@@ -238,6 +257,7 @@ def summary(
                        "classes": [names[i] for i in ids]})  # fmt: skip
     return {
         "method": method,
+        "columns": columns,
         "num_groups": len(groups),
         "num_classes": len(labels),
         "num_samples": num_samples,
@@ -298,12 +318,14 @@ def save_specialists(
 
 def run_specialists(
     cfg: Config, weights: str, groups: int, method: str = "kmeans", seed: int = 0,
-    restarts: int = 10, batch_size: int = 256,
+    restarts: int = 10, batch_size: int = 256, columns: str = "correlation",
 ) -> Path | None:  # fmt: skip
     """`cluster-pipeline specialists`: the groups of classes for specialist models, written by
     rank 0 into the run directory (returned there; None on other ranks)."""
     if method not in METHODS:
         raise ConfigError(f"--method {method!r} is unknown; use one of {METHODS}")
+    if columns not in COLUMNS:
+        raise ConfigError(f"--columns {columns!r} is unknown; use one of {COLUMNS}")
     state = model_state(weights)  # a missing or unreadable checkpoint fails before any rank waits
     head = state.get("head.weight")
     if head is not None and not 1 <= groups <= head.shape[0]:
@@ -324,7 +346,7 @@ def run_specialists(
         dist.on_rank0(
             ctx, _cluster_and_save, run_dir, moments, groups, method, seed, restarts, batch_size,
             class_names(num_classes, index, is_deepcluster_checkpoint(weights)),
-            dict(checkpoint=weights, split=cfg.data.split, skipped=skipped),
+            dict(checkpoint=weights, split=cfg.data.split, skipped=skipped, columns=columns),
         )  # fmt: skip
         dist.shutdown(ctx)
     return run_dir if ctx.is_main else None
@@ -335,9 +357,10 @@ def _cluster_and_save(
     restarts: int, batch_size: int, names: list[str], meta: dict[str, Any],
 ) -> None:  # fmt: skip
     cov = moments.covariance()
-    labels = cluster_columns(cov, groups, method, seed, restarts, batch_size=batch_size)
+    x = column_matrix(cov, meta["columns"])
+    labels = cluster_columns(x, groups, method, seed, restarts, batch_size=batch_size)
     info = summary(labels, names, method, moments.count, meta["checkpoint"], meta["split"],
-                   meta["skipped"])  # fmt: skip
+                   meta["skipped"], meta["columns"])  # fmt: skip
     save_specialists(run_dir, moments, labels, cov, info, names)
     for g in info["groups"]:
         log.info("group %d (%d): %s", g["group"], g["size"], ", ".join(g["classes"][:20]))

@@ -20,7 +20,14 @@ from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.extract import extract_features, open_data_and_model
 from cluster_pipeline.layers import LayerTaps, load_weights, model_state
 from cluster_pipeline.models import build_model
-from cluster_pipeline.specialists import MomentSums, cluster_columns, stream_prediction_moments
+from cluster_pipeline.specialists import (
+    COLUMNS,
+    METHODS,
+    MomentSums,
+    cluster_columns,
+    column_matrix,
+    stream_prediction_moments,
+)
 
 CONFIG = "configs/digits_test.yaml"
 PAIRS = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
@@ -42,8 +49,9 @@ def groups_of(labels: np.ndarray) -> list[list[int]]:
     return [np.flatnonzero(labels == g).tolist() for g in range(labels.max() + 1)]
 
 
-@pytest.mark.parametrize("method", ["kmeans", "online"])
-def test_confused_pairs_come_back_as_groups(method: str) -> None:
+@pytest.mark.parametrize("columns", COLUMNS)
+@pytest.mark.parametrize("method", METHODS)
+def test_confused_pairs_come_back_as_groups(method: str, columns: str) -> None:
     p = paired_predictions()
     sums = MomentSums(10, torch.device("cpu"))
     for batch in np.array_split(p, 7):  # streamed in uneven batches
@@ -55,9 +63,10 @@ def test_confused_pairs_come_back_as_groups(method: str) -> None:
     np.testing.assert_allclose(moments.mean, p.astype(np.float64).mean(0), rtol=1e-12)
     # online: mini-batches of 4 columns, so the centroids really move batch by batch; one such
     # run finds the pairs about 1 time in 3 (a local optimum otherwise), the best of 10 does
-    labels = cluster_columns(cov, 5, method, seed=0, restarts=10, batch_size=4)
+    x = column_matrix(cov, columns)
+    labels = cluster_columns(x, 5, method, seed=0, restarts=10, batch_size=4)
     assert groups_of(labels) == PAIRS
-    three = cluster_columns(cov, 3, method, seed=1, restarts=5, batch_size=4)
+    three = cluster_columns(x, 3, method, seed=1, restarts=5, batch_size=4)
     assert np.bincount(three).min() >= 1  # no empty group
     assert all(len(set(three[pair])) == 1 for pair in PAIRS)  # pairs are never split
 
@@ -131,7 +140,8 @@ def test_specialists_command_on_two_ranks(
               "--groups", "4", "--restarts", "3", f"run.dir={run}", nproc=2)  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     info = json.loads((run / "specialists.json").read_text())
-    assert info["method"] == "kmeans" and info["num_groups"] == 4
+    assert info["method"] == "kmeans" and info["columns"] == "correlation"
+    assert info["num_groups"] == 4
     assert info["num_samples"] == 1797 and info["num_classes"] == 10
     members = sorted(c for g in info["groups"] for c in g["class_ids"])
     assert members == list(range(10))  # every class in exactly one group
