@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
 .PHONY: venv demo demo-shards test lint format bench bench-clustering bench-datapath bench-gather \
-	bench-epoch bench-quality launch clean
+	bench-epoch bench-quality bench-specialists launch clean
 
 venv: $(STAMP)
 
@@ -58,7 +58,7 @@ format: $(STAMP)
 
 # Benchmarks are not tests: each prints ratios measured side by side in one run and replaces its
 # own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
-bench: bench-clustering bench-datapath bench-gather bench-epoch bench-quality
+bench: bench-clustering bench-datapath bench-gather bench-epoch bench-quality bench-specialists
 
 # kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min).
 bench-clustering: $(STAMP)
@@ -79,6 +79,11 @@ bench-epoch: data/mnist5k/index.json
 # DeepCluster's claim in miniature: k-means on learned features vs pixels and a random network.
 bench-quality: data/mnist5k/index.json
 	$(PY) -m bench.quality
+
+# Specialist groups (Hinton et al. 2015, 5.3) vs the generalist's test confusions: train-supervised,
+# then `specialists` on 2 local ranks, correlation and covariance columns (about 3 min).
+bench-specialists: data/mnist5k/index.json
+	$(PY) -m bench.specialists
 
 clean:
 	rm -rf runs data .pytest_cache .mypy_cache .ruff_cache

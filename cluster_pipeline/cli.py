@@ -1,4 +1,5 @@
-"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train, evaluate."""
+"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train, evaluate,
+specialists."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .data.shards import load_source, write_shards
 from .evaluate import format_table, run_evaluate
 from .extract import run_extract
 from .layers import config_for_weights
+from .specialists import COLUMNS, METHODS, run_specialists
 from .stop import StopFlag, Stopped
 from .train import run_deepcluster
 
@@ -66,6 +68,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"evaluation: {folder / 'evaluation.json'} ({report['seconds']:.1f} s)")
 
 
+def cmd_specialists(args: argparse.Namespace) -> None:
+    overrides = [*args.overrides, f"data.shards={args.shards}"]
+    cfg = config_for_weights(args.config, args.checkpoint, overrides)
+    if not any(item.startswith("run.dir=") for item in args.overrides):
+        # A run checkpoint's config names its training run: never write into that one.
+        cfg.run.dir, cfg.name = "", f"specialists-{cfg.name}"
+    run_dir = run_specialists(cfg, args.checkpoint, args.groups, args.method, args.seed,
+                              args.restarts, args.batch_size, args.columns)  # fmt: skip
+    if run_dir is not None:
+        print(f"wrote {run_dir / 'specialists.json'}, covariance.npy and covariance.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +121,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "run checkpoint, else runs/<config name>-eval-<time>)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. evaluate.pool=avg")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "specialists",
+        help="group classes for specialist models: k-means on the columns of the covariance of "
+        "a classifier's predictions (Hinton et al. 2015, section 5.3)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="the generalist: a run checkpoint or a state_dict (any classifier of model.arch, "
+        "a DeepCluster head over pseudo-classes included)",
+    )
+    p.add_argument("--shards", required=True, help="shard directory whose predictions are used")
+    p.add_argument("--groups", type=int, required=True, help="number of specialist groups M")
+    p.add_argument("--config", help="YAML file; needed only for a plain state_dict")
+    p.add_argument("--method", choices=METHODS, default="kmeans",
+                   help="kmeans: faiss Lloyd; online: mini-batch k-means (the paper's online "
+                   "k-means)")  # fmt: skip
+    p.add_argument("--columns", choices=COLUMNS, default="correlation",
+                   help="cluster columns of the correlation (default: groups follow confusions) "
+                   "or of the covariance (the paper's literal recipe)")  # fmt: skip
+    p.add_argument("--restarts", type=int, default=10, help="seeded k-means runs; the best wins")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="columns per online update")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.split=train")
+    p.set_defaults(func=cmd_specialists)
     return parser
 
 

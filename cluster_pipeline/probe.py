@@ -44,7 +44,7 @@ def standardization(
         acc[:d] += part.sum(0)
         acc[d : 2 * d] += (part * part).sum(0)
     acc[-1] = len(x)
-    acc = dist.all_reduce_sum_tensor(ctx, acc)
+    acc = dist.all_reduce_sum_(ctx, acc)
     n = max(float(acc[-1]), 1.0)
     mean = acc[:d] / n
     var = (acc[d : 2 * d] / n - mean * mean).clamp_min(0)
@@ -88,7 +88,7 @@ def fit_linear_probe(
         p = logp.exp()
         p[rows, y] -= 1.0
         flat = torch.cat([local.reshape(1), (x.T @ p).reshape(-1), p.sum(0)]).double()
-        flat = dist.all_reduce_sum_tensor(ctx, flat) / n
+        flat = dist.all_reduce_sum_(ctx, flat) / n
         w.grad = flat[1 : 1 + w.numel()].view_as(w).float() + weight_decay * w
         b.grad = flat[1 + w.numel() :].float()
         penalty = 0.5 * weight_decay * float((w.double() ** 2).sum())
