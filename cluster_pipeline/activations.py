@@ -177,7 +177,7 @@ def write_layer(
     """The layer's folder: per-cluster grids, index.png, index.html, activations.json, and
     assignments.npy (cluster of every sample row, -1 for rows not extracted)."""
     out.mkdir(parents=True, exist_ok=True)
-    strips = []
+    strips: list[tuple[str, np.ndarray]] = []
     for entry in report["clusters"]:
         images = reader.read_batch(np.asarray(entry["nearest_rows"], dtype=np.int64))
         tile_grid(images, grid).save(out / entry["grid"])
