@@ -1,5 +1,5 @@
 """`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train, evaluate,
-specialists."""
+specialists, activations."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import os
 import sys
 
 from . import dist
+from .activations import comparison_table, run_activations
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, validate_config
 from .data.reader import ShardError
 from .data.shards import load_source, write_shards
 from .evaluate import format_table, run_evaluate
@@ -80,6 +81,36 @@ def cmd_specialists(args: argparse.Namespace) -> None:
         print(f"wrote {run_dir / 'specialists.json'}, covariance.npy and covariance.png")
 
 
+def cmd_activations(args: argparse.Namespace) -> None:
+    if args.layer and args.layers:
+        raise ConfigError("give --layer NAME or --layers a,b,c, not both")
+    if bool(args.checkpoint) == args.random_init:
+        raise ConfigError(
+            "give --checkpoint CKPT (a run checkpoint or a state_dict), or --random-init with "
+            "--config for an untrained network"
+        )
+    if args.random_init and not args.config:
+        raise ConfigError("--random-init needs --config (the model.arch and data settings)")
+    if args.checkpoint:
+        cfg = config_for_weights(args.config, args.checkpoint, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    if args.layer or args.layers:
+        names = [args.layer] if args.layer else args.layers.split(",")
+        cfg.activations.layers = [n.strip() for n in names]
+    if args.pool is not None:
+        cfg.activations.pool = args.pool
+    if args.k is not None:
+        cfg.cluster.k = args.k
+    validate_config(cfg)
+    summaries = run_activations(cfg, args.checkpoint)
+    if summaries is None:  # ranks other than 0
+        return
+    print(comparison_table(summaries), end="")
+    for row in summaries:
+        print(f"{row['layer']}: {row['html']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="columns per online update")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.split=train")
     p.set_defaults(func=cmd_specialists)
+
+    p = sub.add_parser(
+        "activations",
+        help="cluster a layer's activations: per-cluster purity and nearest images, NMI per layer",
+    )
+    p.add_argument("--checkpoint", help="run checkpoint (carries its config) or plain state_dict")
+    p.add_argument("--random-init", action="store_true", help="no weights: the seeded init")
+    p.add_argument("--config", help="YAML config; needed for a plain state_dict or --random-init")
+    p.add_argument("--layer", help="named module to cluster, e.g. block2, fc, block1.0")
+    p.add_argument("--layers", help="several modules a,b,c, tapped in one pass and compared")
+    p.add_argument("--k", type=int, help="number of clusters (sets cluster.k)")
+    p.add_argument("--pool", help="spatial pooling: avg (default), max, grid:S, dims:D")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. activations.grid=6")
+    p.set_defaults(func=cmd_activations)
     return parser
 
 

@@ -7,6 +7,7 @@ fails in the first second rather than silently running the default.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 ARCHS = ("small_cnn", "alexnet_bn", "resnet18", "resnet50")
+# Pool rules for tapped activations (layers.py): "avg", "max", "grid:S", "dims:D".
+POOL_RULE = re.compile(r"^(avg|max|grid:[1-9]\d*|dims:[1-9]\d*)$")
 
 
 class ConfigError(ValueError):
@@ -217,6 +220,21 @@ class EvaluateConfig:
 
 
 @dataclass
+class ActivationsConfig:
+    """`cluster-pipeline activations`: cluster a layer's activations and show what each holds."""
+
+    # Named modules to tap (any name from model.named_modules(): block2, conv3, layer4, fc,
+    # block1.0, head). Several layers are extracted in one pass and compared in one table.
+    # --layer / --layers set this; the clustering settings (k, PCA, whitening) are cluster.*,
+    # with cluster.pca_dim capped at each layer's width.
+    layers: list[str] = field(default_factory=list)
+    # Spatial pooling of each tapped activation: avg, max, grid:S or dims:D (see layers.py).
+    pool: str = "avg"
+    # Each cluster's picture is a grid x grid mosaic of its samples nearest to the centroid.
+    grid: int = 8
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -229,6 +247,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     # The config file's stem, used to name run directories.
     name: str = "run"
 
@@ -329,6 +348,18 @@ def validate_config(cfg: Config) -> None:
         (cfg.slurm.timeout_min >= 1, "slurm.timeout_min must be >= 1"),
         (cfg.slurm.signal_delay_s >= 0, "slurm.signal_delay_s must be >= 0"),
         (cfg.slurm.max_num_timeout >= 0, "slurm.max_num_timeout must be >= 0"),
+        (
+            POOL_RULE.match(cfg.activations.pool) is not None,
+            f"activations.pool={cfg.activations.pool!r} is unknown; use avg, max, grid:S or dims:D",
+        ),
+        (
+            all(name.strip() for name in cfg.activations.layers),
+            f"activations.layers={cfg.activations.layers} holds an empty name",
+        ),
+        (
+            1 <= cfg.activations.grid <= 32,
+            f"activations.grid={cfg.activations.grid} must be in 1..32 (grid x grid samples)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -9,7 +9,6 @@ hooks; `extract_features(..., taps=...)` runs it over the shards exactly once, l
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, ConfigError, load_config
+from .config import POOL_RULE, Config, ConfigError, load_config
 from .models import ClusterNet
 
-# Pool rules for spatial (N, C, H, W) activations:
+# Pool rules for spatial (N, C, H, W) activations (config.POOL_RULE):
 #   "avg" / "max": global average / max pooling, C values;
 #   "grid:S": adaptive average pooling to S x S, C * S * S values;
 #   "dims:D": adaptive average pooling to the largest S x S grid with C * S * S <= D (at least
 #             1 x 1), DeepCluster's evaluation rule of pooling every conv layer to ~9600 values.
 # The name that taps the embedding `model.features(x)` (what is clustered), not a module.
 EMBEDDING = "embedding"
-POOL_RULE = re.compile(r"^(avg|max|grid:[1-9]\d*|dims:[1-9]\d*)$")
 
 
 def check_pool_rule(rule: str) -> None:

@@ -10,17 +10,20 @@ from .config import Config, to_yaml
 from .tracking import setup_logging
 
 
-def prepare_run_dir(cfg: Config, ctx: dist.DistContext) -> Path:
+def prepare_run_dir(cfg: Config, ctx: dist.DistContext, sub: str = "") -> Path:
     """Resolve the run directory on rank 0, share it, save the resolved config and start logging.
 
+    With `sub` (an analysis of a finished run, e.g. "activations"), config.yaml and logs/ go to
+    run_dir/sub, so the run's own config.yaml, which a resume reads, is left as it was.
     Collective: call on every rank.
     """
     chosen = cfg.run.dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(dist.broadcast_string(ctx, chosen if ctx.is_main else None))
     cfg.run.dir = str(run_dir)
+    home = run_dir / sub if sub else run_dir
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.yaml").write_text(to_yaml(cfg))
     dist.barrier(ctx)
-    setup_logging(run_dir, ctx.rank)
+    setup_logging(home, ctx.rank)
     return run_dir
