@@ -1,5 +1,5 @@
-"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train, evaluate,
-specialists, activations."""
+"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train,
+train-supervised, pretrain-rotnet, clusterfit, evaluate, specialists, activations."""
 
 from __future__ import annotations
 
@@ -7,16 +7,21 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from . import dist
 from .activations import comparison_table, run_activations
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config, validate_config
+from .clusterfit import clusterfit_config, run_clusterfit
+from .config import Config, ConfigError, load_config, validate_config
 from .data.reader import ShardError
 from .data.shards import load_source, write_shards
 from .evaluate import format_table, run_evaluate
 from .extract import run_extract
+from .fixed_targets import run_supervised
 from .layers import config_for_weights
+from .rotnet import run_rotnet
 from .specialists import COLUMNS, METHODS, run_specialists
 from .stop import StopFlag, Stopped
 from .train import run_deepcluster
@@ -43,10 +48,31 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
+    training(run_deepcluster, load_config(args.config, args.overrides))
+
+
+def cmd_supervised(args: argparse.Namespace) -> None:
+    training(run_supervised, load_config(args.config, args.overrides))
+
+
+def cmd_rotnet(args: argparse.Namespace) -> None:
+    training(run_rotnet, load_config(args.config, args.overrides))
+
+
+def cmd_clusterfit(args: argparse.Namespace) -> None:
+    cfg = clusterfit_config(args.config, args.pretrained, args.overrides)
+    if args.layer is not None:
+        cfg.clusterfit.layer = args.layer
+    if args.pool is not None:
+        cfg.clusterfit.pool = args.pool
+    training(run_clusterfit, cfg)
+
+
+def training(run: Callable[[Config, StopFlag], Path], cfg: Config) -> None:
+    """A training command that stops cleanly on a signal and resumes on a re-run."""
     flag = StopFlag()
     flag.install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, then exit 75
-    run_dir = run_deepcluster(cfg, flag)
+    run_dir = run(cfg, flag)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run directory: {run_dir}\nreport: {run_dir / 'report.png'}")
 
@@ -125,9 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("extract", cmd_extract, "extract features of every sample exactly once"),
         ("train", cmd_train, "train DeepCluster (resumes the run directory if it has checkpoints)"),
-    ):
+        ("train-supervised", cmd_supervised, "train on the shards' true classes (resumes too)"),
+        ("pretrain-rotnet", cmd_rotnet, "RotNet: predict 0/90/180/270 degree rotations"),
+        ("clusterfit", cmd_clusterfit, "cluster a pretrained network's features once, then "
+         "train a new network on the cluster labels"),
+    ):  # fmt: skip
         p = sub.add_parser(name, help=text)
-        p.add_argument("--config", required=True, help="YAML file, e.g. configs/demo_mnist.yaml")
+        p.add_argument("--config", required=name != "clusterfit",
+                       help="YAML file, e.g. configs/demo_mnist.yaml")  # fmt: skip
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.k=100")
         if name == "extract":
             p.add_argument("--checkpoint", help="model weights (a run checkpoint or a state_dict)")
@@ -136,6 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--pool", default="avg", help="spatial pooling: avg, max, grid:S, dims:D"
             )
+        if name == "clusterfit":
+            p.add_argument(
+                "--pretrained",
+                required=True,
+                help="weights to cluster the features of (run checkpoint or "
+                "state_dict); without --config, its saved config is the run's",
+            )
+            p.add_argument(
+                "--layer",
+                help="module to cluster the pooled output of (default: the embedding), e.g. block2",
+            )
+            p.add_argument("--pool", help="pooling of --layer: avg, max, grid:S, dims:D")
         p.set_defaults(func=func)
 
     p = sub.add_parser(

@@ -133,6 +133,23 @@ class TrainConfig:
 
 
 @dataclass
+class ClusterFitConfig:
+    """`cluster-pipeline clusterfit`: cluster a pretrained network's features once (cluster.*),
+    then train this config's `model` from scratch on those labels for train.epochs."""
+
+    # The pretrained weights: a run checkpoint or a plain state_dict (--pretrained sets it).
+    pretrained: str = ""
+    # Module whose pooled output is clustered (e.g. block2, conv5, layer4); empty: the
+    # embedding (model.features), as DeepCluster clusters.
+    layer: str = ""
+    # Pooling of a spatial layer's output: avg, max, grid:S or dims:D (see layers.py).
+    pool: str = "avg"
+    # The pretrained network's architecture. Unset: the model section saved in its run
+    # checkpoint, else (a plain state_dict) this config's own `model` section.
+    pretrained_model: ModelConfig | None = None
+
+
+@dataclass
 class WandbConfig:
     # auto: online if WANDB_API_KEY is set, else offline. Also online, offline, disabled.
     mode: str = "auto"
@@ -248,6 +265,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    clusterfit: ClusterFitConfig = field(default_factory=ClusterFitConfig)
     # The config file's stem, used to name run directories.
     name: str = "run"
 
@@ -294,6 +312,11 @@ def validate_config(cfg: Config) -> None:
     """Value checks that need no data; checks against the data are in `validate_against_data`."""
     checks: list[tuple[bool, str]] = [
         (cfg.model.arch in ARCHS, f"model.arch={cfg.model.arch!r} is unknown; use one of {ARCHS}"),
+        (
+            cfg.clusterfit.pretrained_model is None
+            or cfg.clusterfit.pretrained_model.arch in ARCHS,
+            f"clusterfit.pretrained_model.arch is unknown; use one of {ARCHS}",
+        ),
         (cfg.cluster.k >= 2, f"cluster.k={cfg.cluster.k} must be at least 2"),
         (cfg.cluster.pca_dim >= 0, f"cluster.pca_dim={cfg.cluster.pca_dim} must be >= 0"),
         (cfg.cluster.niter >= 1, f"cluster.niter={cfg.cluster.niter} must be >= 1"),
@@ -391,6 +414,12 @@ def validate_evaluate(e: EvaluateConfig) -> None:
 
 def validate_against_data(cfg: Config, num_samples: int, feature_dim: int, world: int) -> None:
     """Checks that need N and the feature dimension; run before any expensive work."""
+    validate_clustering(cfg, num_samples, feature_dim)
+    validate_training(cfg, num_samples, world)
+
+
+def validate_clustering(cfg: Config, num_samples: int, feature_dim: int) -> None:
+    """cluster.* against the N samples and the dimension of the features clustered."""
     if cfg.cluster.k > num_samples:
         raise ConfigError(
             f"cluster.k={cfg.cluster.k} but only {num_samples} samples are in "
@@ -406,6 +435,10 @@ def validate_against_data(cfg: Config, num_samples: int, feature_dim: int, world
             f"cluster.pca_dim={cfg.cluster.pca_dim} exceeds the {num_samples} samples; "
             "lower cluster.pca_dim"
         )
+
+
+def validate_training(cfg: Config, num_samples: int, world: int) -> None:
+    """model.sync_bn and the batch size against the device, N and the world size."""
     if cfg.model.sync_bn and world > 1 and not torch.cuda.is_available():
         raise ConfigError(
             "model.sync_bn=true needs CUDA (SyncBatchNorm rejects CPU tensors); "

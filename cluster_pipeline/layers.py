@@ -155,11 +155,8 @@ def config_for_weights(
     checkpoint saved (its model and data settings), plus `overrides` (e.g. data.shards=...)."""
     if config is not None:
         return load_config(config, overrides)
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"checkpoint {weights} does not exist")
-    saved = torch.load(weights, map_location="cpu", weights_only=True)
-    text = saved.get("config") if isinstance(saved, dict) else None
-    if not isinstance(text, str):
+    text = saved_config_text(weights)
+    if text is None:
         raise ConfigError(
             f"{weights} is a plain state_dict with no saved config: pass --config with the "
             "model.arch and data settings it was trained with"
@@ -167,15 +164,31 @@ def config_for_weights(
     return load_config(None, overrides, text=text, origin=f"the config saved in {weights}")
 
 
-def model_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights in a run checkpoint (its "model" entry) or in a plain state_dict file."""
+def saved_config_text(weights: str | Path) -> str | None:
+    """The YAML config a run checkpoint saved; None for a plain state_dict."""
+    saved = load_torch_file(weights)
+    text = saved.get("config") if isinstance(saved, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """torch.load (weights only, to the CPU), failing with one line that names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"{path} is not a readable checkpoint or state_dict: {exc}") from exc
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's messages run over many lines
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            f"{path} is not a readable checkpoint or state_dict (a file written by torch.save): "
+            f"{type(exc).__name__}: {reason}"
+        ) from None
+
+
+def model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in a run checkpoint (its "model" entry) or in a plain state_dict file."""
+    state = load_torch_file(path)
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} holds no state_dict (a dict of tensors, or a 'model' entry)")

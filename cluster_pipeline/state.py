@@ -4,7 +4,9 @@ A checkpoint is written at the end of every `train.checkpoint_every` epochs, eve
 `train.checkpoint_every_steps` training steps, and when the ranks agree to stop on a signal.
 It holds the model, the optimizer (momentum and learning rates), the position (epoch, step),
 this epoch's pseudo-labels and centroids, the previous epoch's labels, each rank's running
-loss, the W&B run id and the resolved config. The sampler's draws are a pure function of
+loss and accuracy sums, the W&B run id and the resolved config; a run on fixed targets
+(supervised, RotNet, ClusterFit) also holds its targets, so a resume never recomputes them
+(ClusterFit's clustering). The sampler's draws are a pure function of
 (labels, seed, epoch), and every random draw of a training step is seeded by (seed, epoch,
 rank, step) (see `train.seed_step`), so the position alone restores the sampler and every RNG
 stream: a resumed run repeats the uninterrupted one bit for bit on CPU.
@@ -69,7 +71,8 @@ class EpochState:
 
     Before the epoch is clustered `labels` is None and `step` is 0. Once clustered, `labels`
     are its pseudo-labels (on every rank), `kmeans` summarizes the clustering (rank 0), and
-    `step` counts the training steps that every rank has taken.
+    `step` counts the training steps that every rank has taken. `fixed_labels` are the targets
+    of a run that trains on the same labels every epoch (None for DeepCluster).
     """
 
     epoch: int = 0
@@ -78,7 +81,9 @@ class EpochState:
     kmeans: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     loss_sums: np.ndarray | None = None
+    acc_sums: np.ndarray | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    fixed_labels: np.ndarray | None = None
 
     @property
     def clustered(self) -> bool:
@@ -98,10 +103,14 @@ class EpochState:
                 "centroids": torch.from_numpy(clusters.centroids),
             }
 
-    def rank_loss_sum(self, rank: int) -> float:
-        return 0.0 if self.loss_sums is None else float(self.loss_sums[rank])
+    def rank_sums(self, rank: int) -> tuple[float, float]:
+        """This rank's running sums of the epoch so far: loss and accuracy over its steps."""
+        loss = 0.0 if self.loss_sums is None else float(self.loss_sums[rank])
+        return loss, 0.0 if self.acc_sums is None else float(self.acc_sums[rank])
 
     def next_epoch(self) -> EpochState:
+        if self.fixed_labels is not None:  # the same targets again; no previous epoch's to keep
+            return EpochState(self.epoch + 1, fixed_labels=self.fixed_labels)
         return EpochState(self.epoch + 1, prev_labels=self.labels)
 
     def to_checkpoint(self) -> dict[str, Any]:
@@ -115,7 +124,9 @@ class EpochState:
             "prev_labels": tensor(self.prev_labels),
             "kmeans": self.kmeans,
             "loss_sums": tensor(self.loss_sums),
+            "acc_sums": tensor(self.acc_sums),
             "seconds": self.timer.snapshot(),
+            "fixed_labels": tensor(self.fixed_labels),
         }
 
     @classmethod
@@ -130,7 +141,9 @@ class EpochState:
             kmeans=ckpt["kmeans"],
             step=ckpt["step"],
             loss_sums=array(ckpt["loss_sums"]),
+            acc_sums=array(ckpt.get("acc_sums")),
             timer=PhaseTimer(ckpt["seconds"]),
+            fixed_labels=array(ckpt.get("fixed_labels")),
         )
 
 
@@ -197,8 +210,9 @@ class Checkpointer:
         self.flag, self.requeue = flag, requeue
         self.last = resumed_at
 
-    def save(self, state: EpochState, running_loss: torch.Tensor | None = None) -> Path:
-        """Write the state, on rank 0; a failed write raises on every rank.
+    def save(self, state: EpochState, running: torch.Tensor | None = None) -> Path:
+        """Write the state, on rank 0; a failed write raises on every rank. `running` is this
+        rank's (loss, accuracy) sums over its steps of the epoch so far.
 
         Collective: call on every rank.
         """
@@ -208,8 +222,9 @@ class Checkpointer:
         if state.position == self.last:
             return path
         if state.clustered:
-            loss = 0.0 if running_loss is None else float(running_loss)
+            loss, acc = (0.0, 0.0) if running is None else map(float, running)
             state.loss_sums = dist.all_gather_floats(self.ctx, loss)
+            state.acc_sums = dist.all_gather_floats(self.ctx, acc)
         dist.on_rank0(self.ctx, self._write, state, path)
         self.last = state.position
         return path
@@ -225,10 +240,11 @@ class Checkpointer:
         checkpoint.save_atomic(payload, path, self.cfg.train.keep_checkpoints)
 
     def end_of_epoch(self, state: EpochState) -> None:
-        """Save the finished epoch's assignments, and the state before `state.epoch` starts
-        when due. Collective: call on every rank."""
+        """Save the finished epoch's assignments (not fixed targets: their command saves them
+        once), and the state before `state.epoch` starts when due. Collective: call on every
+        rank."""
         t = self.cfg.train
-        if t.save_assignments:
+        if t.save_assignments and state.fixed_labels is None:
             dist.on_rank0(self.ctx, self._write_assignments, state.epoch - 1, state.prev_labels)
         if state.epoch == t.epochs or state.epoch % t.checkpoint_every == 0:
             self.save(state)
@@ -239,28 +255,26 @@ class Checkpointer:
         folder.mkdir(exist_ok=True)
         np.save(folder / f"epoch-{epoch:04d}.npy", labels.astype(np.int32))
 
-    def at_step(self, state: EpochState, running_loss: torch.Tensor) -> None:
+    def at_step(self, state: EpochState, running: torch.Tensor) -> None:
         """Between two training steps: stop if a rank caught a signal, save if due.
 
         Collective: call on every rank, at the same step.
         """
         t = self.cfg.train
         if state.step % t.stop_check_every == 0:
-            self.stop_if_requested(state, running_loss)
+            self.stop_if_requested(state, running)
         if t.checkpoint_every_steps and state.step and state.step % t.checkpoint_every_steps == 0:
-            self.save(state, running_loss)
+            self.save(state, running)
 
-    def stop_if_requested(
-        self, state: EpochState, running_loss: torch.Tensor | None = None
-    ) -> None:
+    def stop_if_requested(self, state: EpochState, running: torch.Tensor | None = None) -> None:
         """If any rank caught a stop signal: save, requeue, leave the process group, raise
         Stopped on every rank. Collective: call on every rank."""
         signum = dist.max_over_ranks(self.ctx, self.flag.poll())
         if signum:
-            self._stop(signum, state, running_loss)
+            self._stop(signum, state, running)
 
-    def _stop(self, signum: int, state: EpochState, running_loss: torch.Tensor | None) -> NoReturn:
-        path = self.save(state, running_loss)
+    def _stop(self, signum: int, state: EpochState, running: torch.Tensor | None) -> NoReturn:
+        path = self.save(state, running)
         log.warning("stopping at epoch %d step %d; checkpoint %s", state.epoch, state.step, path)
         if self.ctx.is_main:
             self.tracker.finish()

@@ -118,6 +118,15 @@ class Tracker:
             os.fsync(fh.fileno())
         self._to_wandb(row)
 
+    def log_summary(self, values: dict[str, Any]) -> None:
+        """Once-per-run values (e.g. ClusterFit's clustering) in the W&B run's summary."""
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update({k: v for k, v in values.items() if v is not None})
+        except Exception as exc:
+            self._lost(exc)
+
     def finish(self) -> None:
         if self.run is None:
             return
@@ -208,7 +217,8 @@ def write_report(run_dir: Path, rows: list[dict[str, Any]], labels: np.ndarray |
         if pts:
             axes[0].plot(*zip(*pts, strict=True), marker="o", label=name)
     axes[0].set(xlabel="epoch", ylabel="NMI", ylim=(0, 1), title="Cluster stability and quality")
-    axes[0].legend()
+    if axes[0].lines:  # runs on fixed targets have no clustering to plot
+        axes[0].legend()
     axes[1].plot(epochs, [r["train_loss"] for r in rows], marker="o")
     axes[1].set(xlabel="epoch", ylabel="loss", title="Training loss on pseudo-labels")
     if labels is not None:

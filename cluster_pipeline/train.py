@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,12 +50,7 @@ def train_deepcluster(
     """The epoch loop of `run_deepcluster`, in a process group that is already up."""
     run_dir = prepare_run_dir(cfg, ctx)
     index, reader, model = open_data_and_model(cfg, ctx)
-    ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
-    optimizer = make_optimizer(model, cfg)
-    state, wandb_id, loaded = resume_state(run_dir, cfg, model, optimizer, ctx)
-    tracker = Tracker(run_dir, ctx.is_main, cfg.wandb, to_dict(cfg), wandb_id)
-    saver = Checkpointer(run_dir, cfg, ctx, model, optimizer, tracker, flag, requeue,
-                         loaded)  # fmt: skip
+    ddp, optimizer, state, tracker, saver = open_training(run_dir, cfg, ctx, model, flag, requeue)
     first, n = state.epoch, index.num_samples
     while state.epoch < cfg.train.epochs:
         t = state.timer
@@ -73,9 +68,9 @@ def train_deepcluster(
             del feats, gathered  # else the next epoch's N x d arrays arrive while these live
             reset_head_and_state(model, optimizer, seed=cfg.train.seed * 7919 + state.epoch)
         with t("train"):
-            loss, images = train_one_epoch(ddp, optimizer, reader, state, cfg, ctx, saver)
+            totals = train_one_epoch(ddp, optimizer, reader, state, cfg, ctx, saver)
         if ctx.is_main:
-            row = epoch_metrics(state, index.labels, loss, images)
+            row = epoch_metrics(state, index.labels, totals)
             tracker.log_epoch(row)
             print_epoch_row(row, header=state.epoch == first)
         state = state.next_epoch()
@@ -83,6 +78,35 @@ def train_deepcluster(
             saver.end_of_epoch(state)
     finish_run(run_dir, ctx, tracker, state.prev_labels)
     return run_dir
+
+
+class Training(NamedTuple):
+    """What a training loop steps: the DDP-wrapped model, its optimizer, the state to continue
+    from, the metrics sink and the checkpoint writer."""
+
+    ddp: nn.Module
+    optimizer: torch.optim.Optimizer
+    state: EpochState
+    tracker: Tracker
+    saver: Checkpointer
+
+
+def open_training(
+    run_dir: Path,
+    cfg: Config,
+    ctx: dist.DistContext,
+    model: ClusterNet,
+    flag: StopFlag,
+    requeue: Callable[[int], object] | None,
+) -> Training:
+    """DDP, the optimizer, and the run directory's last checkpoint loaded into both (a new run
+    when it has none), W&B continuing the same run. Collective: call on every rank."""
+    ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
+    optimizer = make_optimizer(model, cfg)
+    state, wandb_id, loaded = resume_state(run_dir, cfg, model, optimizer, ctx)
+    tracker = Tracker(run_dir, ctx.is_main, cfg.wandb, to_dict(cfg), wandb_id)
+    saver = Checkpointer(run_dir, cfg, ctx, model, optimizer, tracker, flag, requeue, loaded)
+    return Training(ddp, optimizer, state, tracker, saver)
 
 
 # What clustering starts from: gather mode, all features on rank 0 (None elsewhere); sharded
@@ -171,12 +195,30 @@ def reset_head_and_state(model: ClusterNet, optimizer: torch.optim.Optimizer, se
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """One SGD step on a batch; under DDP the gradients are averaged over ranks in backward."""
-    loss = F.cross_entropy(model(x), y)
+    """One SGD step on a batch; under DDP the gradients are averaged over ranks in backward.
+
+    Returns (loss, accuracy) on the batch, float32 on the device: no host sync per step.
+    """
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach()
+    accuracy = (logits.detach().argmax(1) == y).to(loss.dtype).mean()
+    return torch.stack([loss.detach(), accuracy])
+
+
+# Turns a training batch and its targets into what the network trains on (RotNet: each image
+# in four rotations, the rotation as target). Runs on the device, after augmentation.
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class EpochTotals(NamedTuple):
+    """An epoch's training, summed over all ranks."""
+
+    loss: float  # mean per step
+    accuracy: float  # of the network's predictions on its targets
+    images: int  # drawn by the sampler (before a BatchTransform)
 
 
 def train_one_epoch(
@@ -187,10 +229,11 @@ def train_one_epoch(
     cfg: Config,
     ctx: dist.DistContext,
     saver: Checkpointer,
-) -> tuple[float, int]:
+    transform: BatchTransform | None = None,
+) -> EpochTotals:
     """The epoch's draws, uniform over clusters, from `state.step` on; equal steps on all ranks.
 
-    Returns the mean loss over all ranks and the number of images trained on, all ranks.
+    `transform` maps each augmented batch and its labels to the network's batch and targets.
     Collective: call on every rank.
     """
     assert state.labels is not None
@@ -200,7 +243,7 @@ def train_one_epoch(
     mine = rank_slice(draws, ctx.rank, ctx.world, b)
     targets = torch.from_numpy(state.labels)
     gen = torch.Generator()
-    total = torch.tensor(state.rank_loss_sum(ctx.rank), dtype=torch.float32, device=ctx.device)
+    total = torch.tensor(state.rank_sums(ctx.rank), dtype=torch.float32, device=ctx.device)
     model.train()
     # Strict reads: a sample skipped at extraction has label -1 and is never drawn.
     loader = batch_loader(reader, mine[state.step * b :], b, cfg.data.num_workers,
@@ -210,11 +253,15 @@ def train_one_epoch(
         saver.at_step(state, total)
         seed_step(gen, cfg, state.epoch, ctx.rank, state.step)
         x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-        x = as_layout(augment(x, cfg, gen), cfg, ctx)
-        total += train_step(model, optimizer, x, targets[idx].to(ctx.device))
+        x, y = augment(x, cfg, gen), targets[idx].to(ctx.device)
+        if transform is not None:
+            x, y = transform(x, y)
+        total += train_step(model, optimizer, as_layout(x, cfg, ctx), y)
         state.step += 1
-    summed = dist.all_reduce_sum(ctx, np.array([float(total), state.step], dtype=np.float64))
-    return float(summed[0] / max(1.0, summed[1])), int(summed[1]) * b
+    loss, accuracy = map(float, total)  # sums over this rank's steps; every step's batch is full
+    summed = dist.all_reduce_sum(ctx, np.array([loss, state.step, accuracy], dtype=np.float64))
+    steps = max(1.0, summed[1])
+    return EpochTotals(float(summed[0] / steps), float(summed[2] / steps), int(summed[1]) * b)
 
 
 def epoch_seed(cfg: Config, epoch: int) -> int:
@@ -244,7 +291,7 @@ def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
 
 
 def epoch_metrics(
-    state: EpochState, truth: np.ndarray | None, loss: float, images: int
+    state: EpochState, truth: np.ndarray | None, totals: EpochTotals
 ) -> dict[str, Any]:
     assert state.labels is not None
     km, seconds = state.kmeans, state.timer.snapshot()
@@ -256,8 +303,9 @@ def epoch_metrics(
         "kmeans_loss": km.get("loss"),
         "n_empty_before_split": km.get("n_empty_before_split"),
         "k": km.get("k"),
-        "train_loss": loss,
-        "images_per_s": images / max(seconds.get("train", 0.0), 1e-9),
+        "train_loss": totals.loss,
+        "train_acc": totals.accuracy,  # of the head on this epoch's pseudo-labels
+        "images_per_s": totals.images / max(seconds.get("train", 0.0), 1e-9),
         "skipped_samples": int((state.labels < 0).sum()),  # unreadable, data.on_error=skip
     }
     row |= metrics.cluster_stats(state.labels, row["k"] or int(state.labels.max()) + 1)

@@ -279,7 +279,7 @@ def _ddp_worker(rank: int, world: int, shards: Path) -> dict:
         ddp = dist.wrap_ddp(ctx, model)
         assert isinstance(ddp, nn.parallel.DistributedDataParallel)
         optimizer = make_optimizer(model, cfg)
-        loss = train_step(ddp, optimizer, x[half], y[half])
+        loss, _accuracy = train_step(ddp, optimizer, x[half], y[half])
         out[bn] = {"params": _params(model), "loss": float(loss)}
     return out
 
