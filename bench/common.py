@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from cluster_pipeline import checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "BENCHMARKS.md"
 
@@ -219,3 +221,31 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 600) -> lis
     if errors:
         raise RuntimeError("\n".join(errors))
     return [value for _, value in results]
+
+
+# Set by torchrun; a bench process is a world of one, and its subprocesses start their own.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def local_command(nproc: int, command: list[str], log_path: Path) -> float:
+    """`cluster-pipeline COMMAND` on `nproc` local ranks (launch.local), W&B off, output in
+    `log_path`; returns its wall time, or raises with the end of the log."""
+    cmd = [sys.executable, "-m", "launch.local", "--nproc", str(nproc), *command]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["WANDB_MODE"] = "disabled"
+    print(f"  {' '.join(cmd[1:])}\n    log: {log_path}", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{command[0]} exited with status {rc}; end of {log_path}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The last checkpoint of a finished run."""
+    found = checkpoint.list_checkpoints(run_dir)
+    if not found:
+        raise RuntimeError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    return found[-1]

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, provenance, publish, table
-from bench.quality import DIST_VARS, seed_list
-from cluster_pipeline import checkpoint
+from bench.common import REPO, final_checkpoint, local_command, provenance, publish, table
+from bench.quality import seed_list
 
 SECTION = "## Methods in miniature: linear probes per layer, kNN and NMI (MNIST-5k)"
 SPLIT = ["data.split=train"]
@@ -68,30 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(cmd: list[str], log_path: Path) -> float:
-    """One command on local ranks in a subprocess; its wall time, or an error with its log."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["WANDB_MODE"] = "disabled"
-    print(f"  {' '.join(cmd[1:])}\n    log: {log_path}", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"exited with status {rc}; last lines of {log_path}:\n{tail}")
-    return time.perf_counter() - start
-
-
-def final_checkpoint(run_dir: Path) -> Path:
-    found = checkpoint.list_checkpoints(run_dir)
-    if not found:
-        raise RuntimeError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    return found[-1]
-
-
 def run_seed(args: argparse.Namespace, bench_dir: Path, seed: int) -> dict[str, Any]:
     """Train every method with `seed`, then evaluate each; {method: evaluation + times}."""
-    local = [sys.executable, "-m", "launch.local", "--nproc", str(args.nproc)]
     common = [f"train.seed={seed}", "run.progress=false", "wandb.mode=disabled", *SPLIT]
     ckpts: dict[str, Path] = {}
     out: dict[str, Any] = {}
@@ -100,18 +75,18 @@ def run_seed(args: argparse.Namespace, bench_dir: Path, seed: int) -> dict[str, 
         run_dir = bench_dir / f"seed{seed}" / slug
         train_s = 0.0
         if m.command:
-            cmd = [*local, m.command, "--config", m.config, f"run.dir={run_dir}", *common]
+            cmd = [m.command, "--config", m.config, f"run.dir={run_dir}", *common]
             if m.pretrained:
                 cmd += ["--pretrained", str(ckpts[m.pretrained])]
-            train_s = run(cmd, bench_dir / f"seed{seed}-{slug}-train.log")
+            train_s = local_command(args.nproc, cmd, bench_dir / f"seed{seed}-{slug}-train.log")
             ckpts[m.name] = final_checkpoint(run_dir)
             weights = ["--checkpoint", str(ckpts[m.name])]
         else:
             weights = ["--random-init", "--config", m.config, f"train.seed={seed}"]
         eval_dir = bench_dir / f"seed{seed}" / f"{slug}-eval"
-        cmd = [*local, "evaluate", "--out", str(eval_dir), *weights, "run.progress=false",
+        cmd = ["evaluate", "--out", str(eval_dir), *weights, "run.progress=false",
                "wandb.mode=disabled"]  # fmt: skip
-        eval_s = run(cmd, bench_dir / f"seed{seed}-{slug}-eval.log")
+        eval_s = local_command(args.nproc, cmd, bench_dir / f"seed{seed}-{slug}-eval.log")
         result = json.loads((eval_dir / "evaluation.json").read_text())
         out[m.name] = result | {"train_s": train_s, "eval_s": eval_s}
         probe = ", ".join(f"{k} {v['top1']:.3f}" for k, v in result["probe"].items())

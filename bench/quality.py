@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, git_commit, machine, replace_section
+from bench.common import DIST_VARS, REPO, git_commit, machine, replace_section
 from cluster_pipeline import checkpoint, dist, kmeans, metrics
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
@@ -41,8 +41,6 @@ from cluster_pipeline.tracking import read_metrics
 SECTION = "## Quality: DeepCluster in miniature (MNIST-5k)"
 K = 10
 FEATURE_SETS = ("raw pixels", "random network", "DeepCluster")
-# Set by torchrun; the bench process itself must be a world of one.
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Overrides the bench sets itself, one value per seed and per run directory.
 RESERVED = ("train.seed", "run.dir", "run.resume")
 

@@ -16,7 +16,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,14 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, provenance, publish, table
-from cluster_pipeline import checkpoint, dist
+from bench.common import (
+    DIST_VARS,
+    REPO,
+    final_checkpoint,
+    local_command,
+    provenance,
+    publish,
+    table,
+)
+from cluster_pipeline import dist
 from cluster_pipeline.extract import extract_features, open_data_and_model
 from cluster_pipeline.layers import LayerTaps, config_for_weights, load_weights, model_state
 from cluster_pipeline.specialists import COLUMNS
 
 SECTION = "## Specialists: groups from the generalist's prediction covariance (MNIST-5k)"
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,32 +54,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def local_ranks(args: argparse.Namespace, command: list[str], log_path: Path) -> float:
-    """`cluster-pipeline COMMAND` on --nproc local ranks; returns its wall time."""
-    cmd = [sys.executable, "-m", "launch.local", "--nproc", str(args.nproc), *command]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    print(f"  {' '.join(cmd[1:])}\n  log: {log_path}", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if rc != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{command[0]} exited with status {rc}; end of {log_path}:\n{tail}")
-    return time.perf_counter() - start
-
-
 def train_generalist(args: argparse.Namespace, bench_dir: Path) -> tuple[Path, float]:
     run_dir = bench_dir / "generalist"
-    seconds = local_ranks(
-        args,
+    seconds = local_command(
+        args.nproc,
         ["train-supervised", "--config", args.config, f"run.dir={run_dir}",
          "run.progress=false", "wandb.mode=disabled", *args.overrides],
         bench_dir / "train-supervised.log",
     )  # fmt: skip
-    found = checkpoint.list_checkpoints(run_dir)
-    if not found:
-        raise RuntimeError(f"train-supervised wrote no checkpoint in {run_dir / 'checkpoints'}")
-    return found[-1], seconds
+    return final_checkpoint(run_dir), seconds
 
 
 def test_confusion(weights: Path, shards: str) -> tuple[np.ndarray, list[str]]:
@@ -165,7 +154,7 @@ def report(args: argparse.Namespace, results: dict[str, Any], conf: np.ndarray,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for var in DIST_VARS:
+    for var in DIST_VARS:  # a world of one
         os.environ.pop(var, None)
     t0 = time.perf_counter()
     bench_dir = REPO / "runs" / f"bench-specialists-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -181,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     num_samples = 0
     for columns, method in itertools.product(COLUMNS, args.methods.split(",")):
         run = bench_dir / f"specialists-{columns}-{method}"
-        seconds = local_ranks(
-            args,
+        seconds = local_command(
+            args.nproc,
             ["specialists", "--checkpoint", str(weights), "--shards", args.shards,
              "--groups", str(args.groups), "--method", method, "--columns", columns,
              f"run.dir={run}", "data.split=train", "run.progress=false"],

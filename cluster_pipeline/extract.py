@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,30 +37,53 @@ def extract_features(
     """(sample indices, features, skipped sample indices) of this rank's share of the shards.
 
     The features are the model's embedding, or with `taps` the pooled outputs of its tapped
-    layers side by side (`taps.split` separates them). Samples are skipped only with
-    data.on_error=skip. A failure on any rank (a bad shard, say)
-    is raised on every rank rather than leaving the others waiting in the gather.
-    Collective: call on every rank.
+    layers side by side (`taps.split` separates them). Collective: call on every rank.
     """
-    dist.broadcast_buffers(ctx, model)  # every rank extracts with rank 0's BatchNorm statistics
-    indices = rank_partition(reader.index.num_samples, ctx.rank, ctx.world)
+    n = len(rank_partition(reader.index.num_samples, ctx.rank, ctx.world))
     dim = taps.measure(cfg.data.channels, cfg.data.image_size, ctx.device) if taps else 0
-    feats = np.empty((len(indices), dim or model.feature_dim), dtype=np.float32)
+    feats = np.empty((n, dim or model.feature_dim), dtype=np.float32)
     embed = taps.forward if taps else model.features
-    seen = np.empty(len(indices), dtype=np.int64)
+    seen = np.empty(n, dtype=np.int64)
+    sink = FeatureSink(feats, batches=8 if ctx.device.type == "cuda" else 1)
+
+    def keep(pos: int, idx: np.ndarray, x: torch.Tensor) -> None:
+        sink.add(pos, embed(x))
+        seen[pos : pos + len(idx)] = idx
+
+    read, lost = for_each_batch(model, reader, cfg, ctx, "extract", keep, sink.flush)
+    return seen[:read], feats[:read], lost
+
+
+@torch.no_grad()
+def for_each_batch(
+    model: ClusterNet,
+    reader: SampleReader,
+    cfg: Config,
+    ctx: dist.DistContext,
+    desc: str,
+    consume: Callable[[int, np.ndarray, torch.Tensor], None],
+    finish: Callable[[], None] = lambda: None,
+) -> tuple[int, np.ndarray]:
+    """One pass over this rank's exactly-once share of the shards, the model in eval mode:
+    `consume(position, sample ids, batch)` gets every readable batch, normalized and center
+    cropped on the device, under extraction precision; `finish()` runs after the last.
+
+    Returns (samples read, skipped sample ids). Samples are skipped only with
+    data.on_error=skip. A failure on any rank (a bad shard, say) is raised on every rank rather
+    than leaving the others waiting in the next collective. Collective: call on every rank.
+    """
+    dist.broadcast_buffers(ctx, model)  # every rank uses rank 0's BatchNorm statistics
+    indices = rank_partition(reader.index.num_samples, ctx.rank, ctx.world)
     skipped: list[np.ndarray] = []
     error: BaseException | None = None
+    pos = 0
     was_training = model.training
     model.eval()
     try:
         skip = cfg.data.on_error == "skip"
         loader = batch_loader(reader, indices, cfg.data.extract_batch_size, cfg.data.num_workers,
                               cfg.dist.timeout_s, skip_errors=skip)  # fmt: skip
-        pos = 0
-        bar = tqdm(
-            loader, desc="extract", disable=not (ctx.is_main and cfg.run.progress), leave=False
-        )
-        pending = FeatureSink(feats, batches=8 if ctx.device.type == "cuda" else 1)
+        bar = tqdm(loader, desc=desc, disable=not (ctx.is_main and cfg.run.progress), leave=False)
         for idx, images, bad, reasons in bar:
             if len(bad):
                 skipped.append(bad.numpy())
@@ -68,12 +92,11 @@ def extract_features(
             if not len(idx):
                 continue
             x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-            x = center_crop(x, cfg.data.image_size)
+            x = as_layout(center_crop(x, cfg.data.image_size), cfg, ctx)
             with extraction_precision(cfg, ctx):
-                pending.add(pos, embed(as_layout(x, cfg, ctx)))
-            seen[pos : pos + len(idx)] = idx.numpy()
+                consume(pos, idx.numpy(), x)
             pos += len(idx)
-        pending.flush()
+        finish()
         done = pos + sum(map(len, skipped))
         if done != len(indices):
             shards = reader.index.shards_of(indices[done:])
@@ -82,7 +105,7 @@ def extract_features(
                 f"unread samples are in shards {shards}"
             )
     except Exception as exc:  # reported on every rank below
-        log.exception("extraction failed on rank %d", ctx.rank)
+        log.exception("%s failed on rank %d", desc, ctx.rank)
         error = exc
     finally:
         model.train(was_training)
@@ -90,7 +113,7 @@ def extract_features(
     lost = np.concatenate(skipped) if skipped else np.zeros(0, dtype=np.int64)
     if cfg.data.on_error == "skip":
         check_skip_fraction(ctx, cfg, len(lost), reader.index.num_samples)
-    return seen[:pos], feats[:pos], lost
+    return pos, lost
 
 
 def check_skip_fraction(ctx: dist.DistContext, cfg: Config, lost: int, num_samples: int) -> None:

@@ -23,13 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import dist, kmeans
 from .config import Config, ConfigError
-from .data.augment import center_crop, to_float
-from .data.reader import SampleReader, ShardIndex, batch_loader, rank_partition
-from .extract import as_layout, check_skip_fraction, extraction_precision, open_data_and_model
+from .data.reader import SampleReader, ShardIndex
+from .extract import for_each_batch, open_data_and_model
 from .layers import load_weights, model_state
 from .models import ClusterNet
 from .rundir import prepare_run_dir
@@ -105,45 +103,13 @@ def stream_prediction_moments(
     ranks x workers (as `extract_features` reads them), and the number of samples skipped as
     unreadable (data.on_error=skip). Collective: call on every rank.
     """
-    dist.broadcast_buffers(ctx, model)  # every rank predicts with rank 0's BatchNorm statistics
-    indices = rank_partition(reader.index.num_samples, ctx.rank, ctx.world)
     moments = MomentSums(model.head.out_features, ctx.device)
-    skipped = 0
-    error: BaseException | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        skip = cfg.data.on_error == "skip"
-        loader = batch_loader(reader, indices, cfg.data.extract_batch_size, cfg.data.num_workers,
-                              cfg.dist.timeout_s, skip_errors=skip)  # fmt: skip
-        bar = tqdm(
-            loader, desc="predict", disable=not (ctx.is_main and cfg.run.progress), leave=False
-        )
-        for idx, images, bad, reasons in bar:
-            skipped += len(bad)
-            for reason in reasons:
-                log.warning("skipped (data.on_error=skip) %s", reason)
-            if not len(idx):
-                continue
-            x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-            x = as_layout(center_crop(x, cfg.data.image_size), cfg, ctx)
-            with extraction_precision(cfg, ctx):
-                logits = model(x)
-            moments.add(torch.softmax(logits.float(), dim=1))
-        if moments.count + skipped != len(indices):
-            raise RuntimeError(
-                f"rank {ctx.rank} read {moments.count} and skipped {skipped} of {len(indices)} "
-                "samples"
-            )
-    except Exception as exc:  # reported on every rank below
-        log.exception("prediction pass failed on rank %d", ctx.rank)
-        error = exc
-    finally:
-        model.train(was_training)
-    dist.raise_if_any_rank_failed(ctx, error)
-    if cfg.data.on_error == "skip":
-        check_skip_fraction(ctx, cfg, skipped, reader.index.num_samples)
-    count, lost = dist.all_reduce_sum_int64(ctx, np.array([moments.count, skipped])).tolist()
+
+    def accumulate(_pos: int, _idx: np.ndarray, x: torch.Tensor) -> None:
+        moments.add(torch.softmax(model(x).float(), dim=1))
+
+    _, skipped = for_each_batch(model, reader, cfg, ctx, "predict", accumulate)
+    count, lost = dist.all_reduce_sum_int64(ctx, np.array([moments.count, len(skipped)])).tolist()
     if count + lost != reader.index.num_samples:
         raise RuntimeError(
             f"the ranks read {count} and skipped {lost} samples of {reader.index.num_samples}"
