@@ -60,9 +60,11 @@ format: $(STAMP)
 # own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
 bench: bench-clustering bench-datapath bench-gather bench-epoch bench-quality bench-specialists
 
-# kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min).
+# kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min), and
+# 1.28M x 256 -> 10k with LARGE_NITER iterations per side (about 10 min at 3; LARGE_NITER=0 skips).
+LARGE_NITER ?= 3
 bench-clustering: $(STAMP)
-	$(PY) -m bench.clustering
+	$(PY) -m bench.clustering $(if $(filter-out 0,$(LARGE_NITER)),--large --large-niter $(LARGE_NITER))
 
 # Shard reader vs a plain PIL decode loop on synthetic JPEGs, workers 0 and nproc (about 2 min).
 bench-datapath: $(STAMP)
@@ -76,9 +78,12 @@ bench-gather: $(STAMP)
 bench-epoch: data/mnist5k/index.json
 	$(PY) -m bench.epoch
 
-# DeepCluster's claim in miniature: k-means on learned features vs pixels and a random network.
+# DeepCluster's claim in miniature: k-means on learned features vs pixels and a random network;
+# then the methods table: linear probes per layer, kNN and NMI for random init, RotNet,
+# ClusterFit(RotNet), DeepCluster, ClusterFit(DeepCluster) and supervised (about 15 min a seed).
 bench-quality: data/mnist5k/index.json
 	$(PY) -m bench.quality
+	$(PY) -m bench.methods
 
 # Specialist groups (Hinton et al. 2015, 5.3) vs the generalist's test confusions: train-supervised,
 # then `specialists` on 2 local ranks, correlation and covariance columns (about 3 min).
