@@ -37,6 +37,8 @@ from bench.quality import seed_list
 
 SECTION = "## Methods in miniature: linear probes per layer, kNN and NMI (MNIST-5k)"
 SPLIT = ["data.split=train"]
+# Probed layers: the small CNN's blocks and its 128-d embedding (what DeepCluster clusters).
+LAYERS = "block1,block2,block3,embedding"
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,8 @@ def run_seed(args: argparse.Namespace, bench_dir: Path, seed: int) -> dict[str, 
         else:
             weights = ["--random-init", "--config", m.config, f"train.seed={seed}"]
         eval_dir = bench_dir / f"seed{seed}" / f"{slug}-eval"
-        cmd = ["evaluate", "--out", str(eval_dir), *weights, "run.progress=false",
-               "wandb.mode=disabled"]  # fmt: skip
+        cmd = ["evaluate", "--out", str(eval_dir), "--layers", LAYERS, *weights,
+               "run.progress=false", "wandb.mode=disabled"]  # fmt: skip
         eval_s = local_command(args.nproc, cmd, bench_dir / f"seed{seed}-{slug}-eval.log")
         result = json.loads((eval_dir / "evaluation.json").read_text())
         out[m.name] = result | {"train_s": train_s, "eval_s": eval_s}

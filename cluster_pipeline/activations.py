@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import dist, kmeans, metrics
-from .config import Config, ConfigError
+from .config import Config, ConfigError, validate_k
 from .data.reader import SampleReader, ShardIndex
 from .extract import extract_features, open_data_and_model
 from .layers import LayerTaps, load_weights, model_state
@@ -302,7 +302,9 @@ def run_activations(cfg: Config, weights: str | None) -> list[dict[str, Any]] | 
     ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
     with dist.naming_lost_ranks(ctx):
         run_dir = prepare_run_dir(cfg, ctx, sub=SUBDIR)
-        index, reader, model = open_data_and_model(cfg, ctx)
+        # Each layer's PCA is capped at its width: only k is checked against the data.
+        index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
+        validate_k(cfg, index.num_samples)
         if weights:
             load_weights(model, model_state(weights), weights)
         taps = LayerTaps(model, cfg.activations.layers, cfg.activations.pool)

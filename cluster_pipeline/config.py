@@ -420,11 +420,7 @@ def validate_against_data(cfg: Config, num_samples: int, feature_dim: int, world
 
 def validate_clustering(cfg: Config, num_samples: int, feature_dim: int) -> None:
     """cluster.* against the N samples and the dimension of the features clustered."""
-    if cfg.cluster.k > num_samples:
-        raise ConfigError(
-            f"cluster.k={cfg.cluster.k} but only {num_samples} samples are in "
-            f"{cfg.data.shards}; lower cluster.k"
-        )
+    validate_k(cfg, num_samples)
     if cfg.cluster.pca_dim > feature_dim:
         raise ConfigError(
             f"cluster.pca_dim={cfg.cluster.pca_dim} exceeds the feature dimension {feature_dim} "
@@ -434,6 +430,14 @@ def validate_clustering(cfg: Config, num_samples: int, feature_dim: int) -> None
         raise ConfigError(
             f"cluster.pca_dim={cfg.cluster.pca_dim} exceeds the {num_samples} samples; "
             "lower cluster.pca_dim"
+        )
+
+
+def validate_k(cfg: Config, num_samples: int) -> None:
+    if cfg.cluster.k > num_samples:
+        raise ConfigError(
+            f"cluster.k={cfg.cluster.k} but only {num_samples} samples are in "
+            f"{cfg.data.shards}; lower cluster.k"
         )
 
 

@@ -107,8 +107,10 @@ def _evaluate(
 ) -> tuple[Path, dict[str, Any]] | None:
     start = time.monotonic()
     run_dir = prepare_run_dir(cfg, ctx)
-    train_index, train_reader, model = open_data_and_model(split_config(cfg, "train"), ctx)
-    test_index, test_reader, _ = open_data_and_model(split_config(cfg, "test"), ctx)
+    train_index, train_reader, model = open_data_and_model(
+        split_config(cfg, "train"), ctx, clusters=False
+    )
+    test_index, test_reader, _ = open_data_and_model(split_config(cfg, "test"), ctx, clusters=False)
     num_classes = count_classes(train_index, test_index, cfg)
     if weights is not None:
         load_weights(model, model_state(weights), weights)

@@ -301,7 +301,7 @@ def run_specialists(
     ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
     with dist.naming_lost_ranks(ctx):
         run_dir = prepare_run_dir(cfg, ctx)
-        index, reader, model = open_data_and_model(cfg, ctx)
+        index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
         load_weights(model, state, weights)
         num_classes = model.head.out_features
         if not 1 <= groups <= num_classes:
