@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
 .PHONY: venv demo demo-shards test lint format bench bench-clustering bench-datapath bench-gather \
-	bench-epoch bench-quality bench-specialists launch clean
+	bench-epoch bench-quality bench-specialists bench-activations launch clean
 
 venv: $(STAMP)
 
@@ -58,7 +58,8 @@ format: $(STAMP)
 
 # Benchmarks are not tests: each prints ratios measured side by side in one run and replaces its
 # own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
-bench: bench-clustering bench-datapath bench-gather bench-epoch bench-quality bench-specialists
+bench: bench-clustering bench-datapath bench-gather bench-epoch bench-quality bench-specialists \
+	bench-activations
 
 # kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min), and
 # 1.28M x 256 -> 10k with LARGE_NITER iterations per side (about 10 min at 3; LARGE_NITER=0 skips).
@@ -89,6 +90,10 @@ bench-quality: data/mnist5k/index.json
 # then `specialists` on 2 local ranks, correlation and covariance columns (about 3 min).
 bench-specialists: data/mnist5k/index.json
 	$(PY) -m bench.specialists
+
+# k-means on each layer's activations (random init vs DeepCluster), NMI per layer (about 3 min).
+bench-activations: data/mnist5k/index.json
+	$(PY) -m bench.activations
 
 clean:
 	rm -rf runs data .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import pytest
 import torch
 from multiproc import run_ranks
 from test_e2e import cli, rows_of
+from test_resume import StopAtPoll
 
 from cluster_pipeline import checkpoint, dist
 from cluster_pipeline.cli import main
@@ -166,18 +166,6 @@ def test_clusterfit_clustering_on_two_ranks_equals_one_rank(
     pretrained = str(checkpoint.checkpoint_path(supervised, 2))
     (alone,) = run_ranks(1, cluster_rank, args, pretrained)
     assert np.array_equal(alone, np.load(clusterfit / LABELS_FILE))
-
-
-class StopAtPoll(StopFlag):
-    """Acts as if SIGTERM arrived just before the `at`-th step (one poll per step)."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at, self.polls = at, 0
-
-    def poll(self) -> int:
-        self.polls += 1
-        return int(signal.SIGTERM) if self.polls >= self.at else 0
 
 
 def fit_rank(rank: int, world: int, args: list[str], pretrained: str, stop_at: int) -> str:
