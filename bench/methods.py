@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=seed_list, default=[0], help="training seeds, e.g. 0,1")
     p.add_argument("--nproc", type=int, default=2, help="local ranks of every command")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    p.add_argument("--report-only", metavar="BENCH_DIR", help="re-render a run's results.json")
     return p.parse_args(argv)
 
 
@@ -100,6 +101,10 @@ def mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def seconds(values: list[float]) -> str:
+    return " / ".join(f"{v:.0f}" for v in values)
 
 
 def claims(results: list[dict[str, Any]], layers: list[str]) -> list[str]:
@@ -150,11 +155,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], runtime: flo
         "",
     ]
     times = [
-        [m.name, mean_sd([r[m.name]["train_s"] for r in results]),
-         mean_sd([r[m.name]["eval_s"] for r in results])]
+        [m.name, seconds([r[m.name]["train_s"] for r in results]) if m.command else "-",
+         seconds([r[m.name]["eval_s"] for r in results])]
         for m in METHODS
     ]  # fmt: skip
-    out += ["Wall time per command, seconds (2 local ranks):", ""]
+    out += ["Wall time per command and seed, seconds (2 local ranks):", ""]
     out += table(["method", "training", "evaluate"], times)
     split = first["random init"].get("split", {})
     out += ["", "### How it was measured", ""]
@@ -165,6 +170,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], runtime: flo
         "`data.split=train`, so no test image is seen before evaluation.",
         "- Configs: " + ", ".join(sorted({f"`{m.config}`" for m in METHODS})) + "; seeds "
         f"{seeds} (`train.seed`).",
+        *(
+            [f"- Table re-rendered from `{args.report_only}/results.json` (the runs above)."]
+            if args.report_only
+            else []
+        ),
         "- Probes: `cluster-pipeline evaluate` — a linear classifier per layer on frozen, "
         "pooled features (train split), top-1 on the test split; kNN: k=20, cosine, test "
         "against train; NMI: k-means with k=10 on the embedding, against the true digits.",
@@ -176,6 +186,11 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], runtime: flo
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    if args.report_only:  # re-render a finished run's results.json
+        results = json.loads((Path(args.report_only) / "results.json").read_text())
+        runtime = sum(r[m.name]["train_s"] + r[m.name]["eval_s"] for r in results for m in METHODS)
+        publish(SECTION, report(args, results, runtime), not args.no_write)
+        return 0
     bench_dir = REPO / "runs" / f"bench-methods-{time.strftime('%Y%m%d-%H%M%S')}"
     bench_dir.mkdir(parents=True)
     print(f"bench directory: {bench_dir}", flush=True)

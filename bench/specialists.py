@@ -72,7 +72,7 @@ def test_confusion(weights: Path, shards: str) -> tuple[np.ndarray, list[str]]:
                  "run.progress=false"]  # fmt: skip
     cfg = config_for_weights(None, str(weights), overrides)
     ctx = dist.init_distributed()
-    index, reader, model = open_data_and_model(cfg, ctx)
+    index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
     load_weights(model, model_state(weights), str(weights))
     with LayerTaps(model, ["head"]) as taps:
         idx, logits, _ = extract_features(model, reader, cfg, ctx, taps)

@@ -43,11 +43,13 @@ def train_on_targets(
     requeue: Callable[[int], object] | None = None,
     transform: BatchTransform | None = None,
     summary: dict[str, Any] | None = None,
+    head: str = "clusters",
 ) -> Path:
     """Train `model` (its head already sized) on `targets` (per sample; -1: never drawn) for
     cfg.train.epochs, continuing the run directory's last checkpoint with the targets it holds
     (`targets` may then be None). `summary` (rank 0: how the targets were made) goes to the
-    W&B run's summary. Collective: call on every rank.
+    W&B run's summary; `head` says what the outputs are (state.EpochState.head).
+    Collective: call on every rank.
     """
     ddp, optimizer, state, tracker, saver = open_training(run_dir, cfg, ctx, model, flag, requeue)
     if summary:
@@ -56,6 +58,7 @@ def train_on_targets(
         if targets is None:
             raise RuntimeError(f"no targets to train on: {run_dir} has no checkpoint holding them")
         state.fixed_labels = np.ascontiguousarray(targets, dtype=np.int64)
+        state.head = head
         state.start_training(state.fixed_labels, None)
         saver.save(state)  # the targets are in a checkpoint before the first step
     first = state.epoch
@@ -129,4 +132,4 @@ def run_supervised(
         log.info("supervised: %d samples of %d classes (data.split=%s)",
                  index.num_samples, num_classes, cfg.data.split)  # fmt: skip
         return train_on_targets(cfg, ctx, run_dir, reader, model, labels, flag or StopFlag(),
-                                requeue)  # fmt: skip
+                                requeue, head="classes")  # fmt: skip

@@ -48,4 +48,4 @@ def run_rotnet(
                  index.num_samples, ROTATIONS, cfg.data.split)  # fmt: skip
         one_label = np.zeros(index.num_samples, dtype=np.int64)
         return train_on_targets(cfg, ctx, run_dir, reader, model, one_label, flag or StopFlag(),
-                                requeue, transform=rotate_batch)  # fmt: skip
+                                requeue, transform=rotate_batch, head="rotations")  # fmt: skip

@@ -205,10 +205,13 @@ def class_names(num_classes: int, index: ShardIndex, pseudo: bool) -> list[str]:
     return [f"pseudo-class {j}" for j in range(num_classes)]
 
 
-def is_deepcluster_checkpoint(path: str) -> bool:
-    """A DeepCluster run checkpoint saves its k-means state: its head is over pseudo-classes."""
+def head_over_clusters(path: str) -> bool:
+    """Whether a checkpoint's head is over clusters (a DeepCluster or ClusterFit run) rather
+    than the shards' classes (train-supervised, or a plain state_dict of a classifier)."""
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return isinstance(saved, dict) and "kmeans" in saved
+    if not isinstance(saved, dict) or "epoch" not in saved:  # a plain state_dict
+        return False
+    return saved.get("head", "clusters") != "classes"
 
 
 def summary(
@@ -311,7 +314,7 @@ def run_specialists(
                  moments.count)  # fmt: skip
         dist.on_rank0(
             ctx, _cluster_and_save, run_dir, moments, groups, method, seed, restarts, batch_size,
-            class_names(num_classes, index, is_deepcluster_checkpoint(weights)),
+            class_names(num_classes, index, head_over_clusters(weights)),
             dict(checkpoint=weights, split=cfg.data.split, skipped=skipped, columns=columns),
         )  # fmt: skip
         dist.shutdown(ctx)

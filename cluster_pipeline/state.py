@@ -84,6 +84,9 @@ class EpochState:
     acc_sums: np.ndarray | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     fixed_labels: np.ndarray | None = None
+    # What the head's outputs are: "clusters" (DeepCluster, ClusterFit), "classes" (the shards'
+    # true classes, train-supervised) or "rotations" (RotNet); analyses name outputs by it.
+    head: str = "clusters"
 
     @property
     def clustered(self) -> bool:
@@ -110,7 +113,7 @@ class EpochState:
 
     def next_epoch(self) -> EpochState:
         if self.fixed_labels is not None:  # the same targets again; no previous epoch's to keep
-            return EpochState(self.epoch + 1, fixed_labels=self.fixed_labels)
+            return EpochState(self.epoch + 1, fixed_labels=self.fixed_labels, head=self.head)
         return EpochState(self.epoch + 1, prev_labels=self.labels)
 
     def to_checkpoint(self) -> dict[str, Any]:
@@ -127,6 +130,7 @@ class EpochState:
             "acc_sums": tensor(self.acc_sums),
             "seconds": self.timer.snapshot(),
             "fixed_labels": tensor(self.fixed_labels),
+            "head": self.head,
         }
 
     @classmethod
@@ -144,6 +148,7 @@ class EpochState:
             acc_sums=array(ckpt.get("acc_sums")),
             timer=PhaseTimer(ckpt["seconds"]),
             fixed_labels=array(ckpt.get("fixed_labels")),
+            head=ckpt.get("head", "clusters"),
         )
 
 

@@ -176,3 +176,28 @@ def test_bad_input_is_one_line_exit_2(
     code, err = run("--checkpoint", str(tmp_path / "plain.pt"), "--groups", "3")
     assert code == 2 and "plain state_dict with no saved config" in err
     assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_outputs_are_named_as_classes_only_for_a_classifier_of_the_classes(
+    digits_shards: Path, tmp_path: Path
+) -> None:
+    from cluster_pipeline.data.reader import ShardIndex
+    from cluster_pipeline.specialists import class_names, head_over_clusters
+
+    saved = {
+        "supervised": {"epoch": 3, "head": "classes"},  # train-supervised's run checkpoint
+        "deepcluster": {"epoch": 3},  # DeepCluster's: no "head" entry, outputs are clusters
+        "clusterfit": {"epoch": 3, "head": "clusters"},
+        "plain": {"head.weight": torch.zeros(10, 4)},  # a plain state_dict of a classifier
+    }
+    over_clusters = {}
+    for name, payload in saved.items():
+        torch.save(payload, tmp_path / f"{name}.pt")
+        over_clusters[name] = head_over_clusters(str(tmp_path / f"{name}.pt"))
+    assert over_clusters == {
+        "supervised": False, "deepcluster": True, "clusterfit": True, "plain": False
+    }  # fmt: skip
+    index = ShardIndex.load(digits_shards)
+    assert class_names(10, index, pseudo=False)[:3] == ["0", "1", "2"]
+    assert class_names(10, index, pseudo=True)[0] == "pseudo-class 0"
+    assert class_names(20, index, pseudo=False)[0] == "pseudo-class 0"  # not the classes
