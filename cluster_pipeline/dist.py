@@ -112,13 +112,14 @@ def shutdown(ctx: DistContext) -> None:
     """Stop the heartbeat, then leave the process group. Collective: call on every rank.
 
     The barrier between the two keeps rank 0, which may host the rendezvous store, from leaving
-    before every rank has said in the store that it is leaving, not lost.
+    before every rank has said in the store that it is leaving, not lost, and every rank from
+    tearing gloo down while a peer is still in a collective (that aborted a test rank once,
+    "terminate called without an active exception").
     """
     if ctx.heartbeat is not None:
         ctx.heartbeat.stop()
     if ctx.distributed and tdist.is_initialized():
-        if ctx.heartbeat is not None:
-            tdist.barrier()
+        tdist.barrier()
         tdist.destroy_process_group()
 
 

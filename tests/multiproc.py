@@ -36,13 +36,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
     import torch
 
     torch.set_num_threads(1)
+    import torch.distributed as tdist
+
     try:
         result: Any = ("ok", fn(rank, world, *args))
+        if tdist.is_initialized():
+            # Every rank done with its collectives before any tears gloo down: rank 0, which
+            # hosts the store, leaving while a peer still talked to it aborted once in ~300 runs
+            # ("terminate called without an active exception").
+            tdist.barrier()
     except BaseException as exc:
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
-        import torch.distributed as tdist
-
         if tdist.is_initialized():
             tdist.destroy_process_group()
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

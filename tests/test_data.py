@@ -137,6 +137,49 @@ def test_sample_reader_resizes_to_load_size(shards):
         reader.close()
 
 
+def _jpeg(pixels: np.ndarray, mode: str = "RGB", **options) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format="JPEG", **options)
+    return buf.getvalue()
+
+
+def test_jpegs_read_as_pil_decodes_them_and_bad_ones_fail_naming_the_sample(tmp_path: Path):
+    """RGB JPEGs go through libjpeg-turbo (simplejpeg) straight into the batch, every other kind
+    through PIL: each must come out exactly as PIL's convert("RGB") + resize + crop makes it,
+    and a JPEG cut short must still fail with PIL's reason and the sample's key."""
+    from cluster_pipeline.data.reader import _resize_square
+
+    rng = np.random.default_rng(3)
+    base = (rng.random((40, 52, 3)) * 255).astype(np.uint8)
+    square = base[:32, :32]
+    images = [
+        _jpeg(square, quality=90),  # 4:2:0, already load_size: decoded into the batch row
+        _jpeg(square, quality=95, subsampling=0),  # 4:4:4
+        _jpeg(square, quality=90, progressive=True),
+        _jpeg(square, "L", quality=90),  # grayscale JPEG read as RGB
+        _jpeg(square, "CMYK", quality=90),  # libjpeg and PIL differ: PIL decodes it
+        _jpeg(base, quality=90),  # not square: resized and cropped
+        png(square),
+    ]
+    broken = _jpeg(square, quality=90)
+    images.append(broken[: len(broken) // 2])
+    n = len(images)
+    write_shards(Source(images, ["jpg"] * (n - 2) + ["png", "jpg"], np.zeros(n, np.int64), ["a"]),
+                 tmp_path, samples_per_shard=4)  # fmt: skip
+    reader = SampleReader(ShardIndex.load(tmp_path), load_size=32, channels=3)
+    try:
+        for i, raw in enumerate(images[:-1]):
+            with Image.open(io.BytesIO(raw)) as im:
+                want = np.asarray(_resize_square(im.convert("RGB"), 32))
+            np.testing.assert_array_equal(reader.read(i), want, err_msg=f"image {i}")
+        batch = reader.read_batch(np.arange(n - 1))
+        np.testing.assert_array_equal(batch[0], reader.read(0))
+        with pytest.raises(ShardError, match=r"sample 000000007: image does not decode \(.*trunc"):
+            reader.read(n - 1)
+    finally:
+        reader.close()
+
+
 # --------------------------------------------------------------------------------- corruption
 
 

@@ -1,10 +1,13 @@
-"""Reading samples from the shards: exactly-once partitions for extraction, random access for training.
+"""Reading samples from the shards: exactly-once partitions for extraction, random access for
+training.
 
 Both paths read through the offsets in samples.npy with one `pread` per sample (tar header +
-image bytes), check the tar header names the expected sample's image, and decode with PIL into
-fixed-size uint8 arrays. Workers build whole batches, so the main process receives one array per
-batch. A sample that cannot be read is a SampleError; with `skip_errors` a batch leaves it out
-and reports it, so one bad image costs one sample, not the batch or the run.
+image bytes), check the tar header names the expected sample's image, and decode into
+fixed-size uint8 arrays: RGB JPEGs with libjpeg-turbo (simplejpeg) straight into the batch,
+anything else, and any JPEG libjpeg complains about, with PIL. Workers build whole batches in
+shared memory, so the main process receives one buffer per batch. A sample that cannot be read
+is a SampleError; with `skip_errors` a batch leaves it out and reports it, so one bad image costs
+one sample, not the batch or the run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -40,6 +44,10 @@ from .shards import (
 log = logging.getLogger(__name__)
 
 TAR_HEADER = 512
+JPEG_MAGIC = b"\xff\xd8"
+# JPEG colour spaces that libjpeg turns into the RGB that PIL's convert("RGB") gives (CMYK and
+# YCCK differ: PIL inverts Adobe CMYK itself), checked pixel for pixel in tests/test_data.py.
+LIBJPEG_AS_PIL = ("YCbCr", "Gray", "RGB")
 
 
 class ShardError(RuntimeError):
@@ -205,7 +213,8 @@ def _resize_square(img: Image.Image, size: int) -> Image.Image:
 
 
 class SampleReader:
-    """Reads and decodes samples by index; one per DataLoader worker (file handles are per process)."""
+    """Reads and decodes samples by index; one per DataLoader worker (file handles are per
+    process)."""
 
     def __init__(self, index: ShardIndex, load_size: int, channels: int) -> None:
         self.index = index
@@ -234,7 +243,13 @@ class SampleReader:
         self.close()
 
     def read(self, i: int) -> np.ndarray:
-        """Sample i as a (load_size, load_size, channels) uint8 array.
+        """Sample i as a (load_size, load_size, channels) uint8 array (see `read_into`)."""
+        out = self._empty(1)[0]
+        self.read_into(i, out)
+        return out
+
+    def read_into(self, i: int, out: np.ndarray) -> None:
+        """Decode sample i into `out`, a (load_size, load_size, channels) uint8 array.
 
         Raises SampleError when this sample alone is bad, and ShardError when the bytes at its
         offset belong to another sample (the shard was rewritten: every offset is suspect).
@@ -259,15 +274,38 @@ class SampleReader:
             raise _sample_error(
                 self._path(shard), i, f"no image member ({member!r} where its image was)"
             )
+        body = memoryview(raw)[TAR_HEADER:]
+        if self.mode == "RGB" and body[:2] == JPEG_MAGIC and self._jpeg_into(body, out):
+            return
         try:
-            with Image.open(io.BytesIO(raw[TAR_HEADER:])) as im:
+            with Image.open(io.BytesIO(body)) as im:
                 # convert() to the mode an image already has is a full copy (~5% of reading)
                 img = im if im.mode == self.mode else im.convert(self.mode)
                 arr = np.asarray(_resize_square(img, self.load_size), dtype=np.uint8)
         except Exception as exc:
             reason = f"image does not decode ({_no_address(exc)})"
             raise _sample_error(self._path(shard), i, reason) from exc
-        return arr.reshape(self.load_size, self.load_size, self.channels)
+        out[...] = arr.reshape(out.shape)
+
+    def _jpeg_into(self, body: memoryview, out: np.ndarray) -> bool:
+        """An RGB JPEG decoded by libjpeg-turbo (simplejpeg) into `out`; False when libjpeg
+        reports any problem, even one it could recover from, so that PIL decodes the sample
+        again and names what is wrong. Pixels equal PIL's (the same library, the same slow
+        integer IDCT and fancy upsampling), and a load_size square JPEG is written straight into
+        the batch: no PIL image and no copies, ~1.5x faster than `Image.open` + `np.asarray`.
+        """
+        try:
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(body)
+            if colorspace not in LIBJPEG_AS_PIL:
+                return False
+            if (w, h) == (self.load_size, self.load_size):
+                simplejpeg.decode_jpeg(body, colorspace="RGB", buffer=out)
+                return True
+            arr = simplejpeg.decode_jpeg(body, colorspace="RGB")
+        except ValueError:
+            return False
+        out[...] = np.asarray(_resize_square(Image.fromarray(arr), self.load_size))
+        return True
 
     def _path(self, shard: int) -> Path:
         """For messages only: a path join per sample slowed reading MNIST-5k by ~5%."""
@@ -280,7 +318,7 @@ class SampleReader:
         """The images of `indices`, decoded into `out` when given (len(indices) rows)."""
         out = self._empty(len(indices)) if out is None else out
         for j, i in enumerate(indices):
-            out[j] = self.read(int(i))
+            self.read_into(int(i), out[j])
         return out
 
     def read_batch_skipping(
@@ -296,7 +334,7 @@ class SampleReader:
         reasons: list[str] = []
         for j, i in enumerate(indices):
             try:
-                out[j] = self.read(int(i))
+                self.read_into(int(i), out[j])
             except SampleError as exc:
                 bad.append(j)
                 reasons.append(str(exc))
