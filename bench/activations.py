@@ -18,7 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import REPO, final_checkpoint, local_command, provenance, publish, table
+from bench.common import (
+    final_checkpoint,
+    local_command,
+    new_bench_dir,
+    provenance,
+    publish,
+    table,
+)
 
 SECTION = "## Activations: clustering each layer (MNIST-5k)"
 CONFIG = "configs/demo_mnist.yaml"
@@ -46,9 +53,7 @@ def layer_table(args: argparse.Namespace, out: Path, weights: list[str], pool: s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    bench_dir = REPO / "runs" / f"bench-activations-{time.strftime('%Y%m%d-%H%M%S')}"
-    bench_dir.mkdir(parents=True)
-    print(f"bench directory: {bench_dir}", flush=True)
+    bench_dir = new_bench_dir("activations")
     ckpt = args.checkpoint
     if ckpt is None:
         run = bench_dir / "deepcluster"

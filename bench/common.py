@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "BENCHMARKS.md"
 
 
+def new_bench_dir(name: str, announce: bool = True) -> Path:
+    """A fresh runs/bench-<name>-<timestamp>/ for a benchmark's runs and files."""
+    path = REPO / "runs" / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True)
+    if announce:
+        print(f"bench directory: {path}", flush=True)
+    return path
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -40,7 +40,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import provenance, publish, table
-from cluster_pipeline.data.reader import Batch, BatchLoader, SampleReader, ShardIndex, batch_loader
+from cluster_pipeline.data.reader import (
+    Batch,
+    BatchLoader,
+    SampleReader,
+    ShardIndex,
+    _resize_square,
+    batch_loader,
+)
 from cluster_pipeline.data.shards import Source, write_shards
 
 SECTION = "## Data path (shard reader vs plain PIL decode)"
@@ -77,17 +84,10 @@ def synthetic_jpegs(n: int, width: int, height: int, seed: int) -> list[bytes]:
 
 
 def decode(raw: bytes, size: int) -> np.ndarray:
-    """One JPEG from memory as the reader must decode it: RGB, size x size."""
+    """One JPEG from memory as the reader must decode it: RGB, size x size (the reader's
+    shorter-side bilinear resize and center crop)."""
     with Image.open(io.BytesIO(raw)) as im:
-        img = im.convert("RGB")
-        w, h = img.size
-        if (w, h) != (size, size):
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(_resize_square(im.convert("RGB"), size), dtype=np.uint8)
 
 
 def plain_decode(data: list[bytes], size: int) -> int:
@@ -105,12 +105,7 @@ def turbo_decode(data: list[bytes], size: int) -> int:
             simplejpeg.decode_jpeg(raw, colorspace="RGB", buffer=out)
         else:
             img = Image.fromarray(simplejpeg.decode_jpeg(raw, colorspace="RGB"))
-            w, h = img.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            out[...] = np.asarray(img.crop((left, top, left + size, top + size)))
+            out[...] = np.asarray(_resize_square(img, size))
     return len(data)
 
 

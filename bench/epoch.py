@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO, provenance, publish, run_ranks, table
+from bench.common import REPO, new_bench_dir, provenance, publish, run_ranks, table
 from bench.quality import train_deepcluster
 from cluster_pipeline import checkpoint, dist
 from cluster_pipeline.config import Config, load_config, per_rank_batch_size
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(
         args.config, [*args.overrides, f"train.seed={args.seed}", "run.progress=false"]
     )
-    bench_dir = REPO / "runs" / f"bench-epoch-{time.strftime('%Y%m%d-%H%M%S')}"
-    bench_dir.mkdir(parents=True)
+    bench_dir = new_bench_dir("epoch", announce=False)
     run_dir = bench_dir / "run"
     train_s = train_deepcluster(
         args.config, run_dir, args.seed, args.overrides, 2, bench_dir / "train.log"

@@ -32,7 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, final_checkpoint, local_command, provenance, publish, table
+from bench.common import (
+    final_checkpoint,
+    local_command,
+    new_bench_dir,
+    provenance,
+    publish,
+    table,
+)
 from bench.quality import seed_list
 
 SECTION = "## Methods in miniature: linear probes per layer, kNN and NMI (MNIST-5k)"
@@ -191,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = sum(r[m.name]["train_s"] + r[m.name]["eval_s"] for r in results for m in METHODS)
         publish(SECTION, report(args, results, runtime), not args.no_write)
         return 0
-    bench_dir = REPO / "runs" / f"bench-methods-{time.strftime('%Y%m%d-%H%M%S')}"
-    bench_dir.mkdir(parents=True)
-    print(f"bench directory: {bench_dir}", flush=True)
+    bench_dir = new_bench_dir("methods")
     results = []
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)

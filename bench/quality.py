@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import DIST_VARS, REPO, git_commit, machine, replace_section
+from bench.common import DIST_VARS, REPO, git_commit, machine, new_bench_dir, replace_section
 from cluster_pipeline import checkpoint, dist, kmeans, metrics
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
@@ -378,9 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{cfg.data.shards} has samples without a class; the bench needs them")
     reader = SampleReader(index, cfg.data.load_size, cfg.data.channels)
     raw = raw_pixels(reader)
-    bench_dir = REPO / "runs" / f"bench-quality-{time.strftime('%Y%m%d-%H%M%S')}"
-    bench_dir.mkdir(parents=True)
-    print(f"bench directory: {bench_dir}", flush=True)
+    bench_dir = new_bench_dir("quality")
     results = []
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)

@@ -28,6 +28,7 @@ from bench.common import (
     REPO,
     final_checkpoint,
     local_command,
+    new_bench_dir,
     provenance,
     publish,
     table,
@@ -157,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     for var in DIST_VARS:  # a world of one
         os.environ.pop(var, None)
     t0 = time.perf_counter()
-    bench_dir = REPO / "runs" / f"bench-specialists-{time.strftime('%Y%m%d-%H%M%S')}"
-    bench_dir.mkdir(parents=True)
-    print(f"bench directory: {bench_dir}", flush=True)
+    bench_dir = new_bench_dir("specialists")
     if args.generalist:
         weights, train_s = Path(args.generalist), 0.0
         generalist = f"`{args.generalist}` (given)"

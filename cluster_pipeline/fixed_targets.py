@@ -25,9 +25,15 @@ from .data.reader import SampleReader, ShardIndex
 from .extract import open_data_and_model
 from .models import ClusterNet, reset_head
 from .rundir import prepare_run_dir
-from .state import EpochState
 from .stop import StopFlag
-from .train import BatchTransform, EpochTotals, finish_run, open_training, train_one_epoch
+from .train import (
+    BatchTransform,
+    finish_run,
+    open_training,
+    print_epoch_row,
+    train_one_epoch,
+    training_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,9 @@ def train_on_targets(
         with state.timer("train"):
             totals = train_one_epoch(ddp, optimizer, reader, state, cfg, ctx, saver, transform)
         if ctx.is_main:
-            row = epoch_row(state, totals)
+            row = training_row(state, totals)
             tracker.log_epoch(row)
-            print_row(row, header=state.epoch == first)
+            print_epoch_row(row, state.epoch == first, COLUMNS)
         state = state.next_epoch()
         with state.timer("checkpoint"):
             saver.end_of_epoch(state)
@@ -85,23 +91,11 @@ def fresh_head(model: ClusterNet, outputs: int, seed: int) -> None:
     reset_head(model, torch.Generator().manual_seed(seed))
 
 
-def epoch_row(state: EpochState, totals: EpochTotals) -> dict[str, Any]:
-    seconds = state.timer.snapshot()
-    row: dict[str, Any] = {
-        "epoch": state.epoch,
-        "train_loss": totals.loss,
-        "train_acc": totals.accuracy,
-        "images_per_s": totals.images / max(seconds.get("train", 0.0), 1e-9),
-    }
-    return row | {f"time_{name}_s": round(s, 4) for name, s in seconds.items()}
-
-
-def print_row(row: dict[str, Any], header: bool) -> None:
-    cols = (("epoch", 0), ("train_loss", 4), ("train_acc", 4), ("images_per_s", 0),
-            ("time_train_s", 1))  # fmt: skip
-    if header:
-        print(" ".join(f"{k:>12}" for k, _ in cols), flush=True)
-    print(" ".join(f"{row.get(k, 0):>12.{d}f}" for k, d in cols), flush=True)
+# (metrics key, column title, decimals) of the table printed on rank 0, one row per epoch.
+COLUMNS = (
+    ("epoch", "epoch", 0), ("train_loss", "loss", 4), ("train_acc", "acc", 4),
+    ("images_per_s", "img/s", 0), ("time_train_s", "train_s", 1),
+)  # fmt: skip
 
 
 def true_classes(index: ShardIndex, cfg: Config) -> tuple[np.ndarray, int]:

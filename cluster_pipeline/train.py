@@ -290,27 +290,36 @@ def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
+def training_row(state: EpochState, totals: EpochTotals) -> dict[str, Any]:
+    """The metrics every training loop logs per epoch: loss, accuracy of the head on its
+    targets, throughput and the time of each phase."""
+    seconds = state.timer.snapshot()
+    row: dict[str, Any] = {
+        "epoch": state.epoch,
+        "train_loss": totals.loss,
+        "train_acc": totals.accuracy,
+        "images_per_s": totals.images / max(seconds.get("train", 0.0), 1e-9),
+    }
+    return row | {f"time_{name}_s": round(s, 4) for name, s in seconds.items()}
+
+
 def epoch_metrics(
     state: EpochState, truth: np.ndarray | None, totals: EpochTotals
 ) -> dict[str, Any]:
+    """`training_row` plus the clustering's: NMI to the last epoch and to the truth, k-means
+    loss, empty clusters before the split, cluster sizes, unreadable samples."""
     assert state.labels is not None
-    km, seconds = state.kmeans, state.timer.snapshot()
-    row: dict[str, Any] = {
-        "epoch": state.epoch,
+    km = state.kmeans
+    row = training_row(state, totals) | {
         "nmi_prev": metrics.nmi(state.prev_labels, state.labels),
         "nmi_gt": metrics.nmi(truth, state.labels),
         "ari_gt": metrics.ari(truth, state.labels),
         "kmeans_loss": km.get("loss"),
         "n_empty_before_split": km.get("n_empty_before_split"),
         "k": km.get("k"),
-        "train_loss": totals.loss,
-        "train_acc": totals.accuracy,  # of the head on this epoch's pseudo-labels
-        "images_per_s": totals.images / max(seconds.get("train", 0.0), 1e-9),
         "skipped_samples": int((state.labels < 0).sum()),  # unreadable, data.on_error=skip
     }
-    row |= metrics.cluster_stats(state.labels, row["k"] or int(state.labels.max()) + 1)
-    row |= {f"time_{name}_s": round(s, 4) for name, s in seconds.items()}
-    return row
+    return row | metrics.cluster_stats(state.labels, row["k"] or int(state.labels.max()) + 1)
 
 
 # (metrics key, column title, decimals) of the table printed on rank 0, one row per epoch.
@@ -323,10 +332,12 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def print_epoch_row(row: dict[str, Any], header: bool) -> None:
+def print_epoch_row(
+    row: dict[str, Any], header: bool, columns: tuple[tuple[str, str, int], ...] = COLUMNS
+) -> None:
     if header:
-        print(" ".join(f"{title:>9}" for _, title, _ in COLUMNS), flush=True)
-    cells = ["-" if row.get(k) is None else f"{row[k]:.{d}f}" for k, _, d in COLUMNS]
+        print(" ".join(f"{title:>9}" for _, title, _ in columns), flush=True)
+    cells = ["-" if row.get(k) is None else f"{row[k]:.{d}f}" for k, _, d in columns]
     print(" ".join(f"{c:>9}" for c in cells), flush=True)
 
 
