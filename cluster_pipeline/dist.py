@@ -27,6 +27,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+# torch.distributed.nn's functions take `group=group.WORLD` as a default argument, bound when the
+# module is first imported, and torch imports it lazily (an optimizer's first step pulls it in
+# through torch._dynamo). Imported after the group exists, it would hold the group for good:
+# destroy_process_group would not free it, gloo's worker threads would outlive `shutdown`, and one
+# of them releasing a finished collective's tensor while the interpreter exits aborted ranks
+# ("terminate called without an active exception"). Imported here, before any group exists.
+import torch.distributed.nn
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -113,8 +121,8 @@ def shutdown(ctx: DistContext) -> None:
 
     The barrier between the two keeps rank 0, which may host the rendezvous store, from leaving
     before every rank has said in the store that it is leaving, not lost, and every rank from
-    tearing gloo down while a peer is still in a collective (that aborted a test rank once,
-    "terminate called without an active exception").
+    tearing gloo down while a peer is still in a collective. Leaving frees the group and joins
+    its worker threads (see the import of torch.distributed.nn above for what once kept it).
     """
     if ctx.heartbeat is not None:
         ctx.heartbeat.stop()

@@ -41,9 +41,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
     try:
         result: Any = ("ok", fn(rank, world, *args))
         if tdist.is_initialized():
-            # Every rank done with its collectives before any tears gloo down: rank 0, which
-            # hosts the store, leaving while a peer still talked to it aborted once in ~300 runs
-            # ("terminate called without an active exception").
+            # Every rank done with its collectives before any tears gloo down: rank 0 hosts the
+            # store its peers still talk to.
             tdist.barrier()
     except BaseException as exc:
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")

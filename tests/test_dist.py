@@ -355,3 +355,30 @@ def test_ddp_step_with_per_rank_batchnorm_averages_rank_gradients(
         for name, value in want.items():
             np.testing.assert_allclose(result["per_rank"]["params"][name], value, rtol=0,
                                        atol=1e-6, err_msg=f"rank {rank} {name}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# shutdown frees the process group
+
+
+def _gloo_threads() -> list[str]:
+    return [n for t in Path("/proc/self/task").iterdir()
+            if "gloo" in (n := (t / "comm").read_text().strip())]  # fmt: skip
+
+
+def _shutdown_worker(rank: int, world: int) -> dict:
+    ctx = dist.init_distributed(timeout_s=60, heartbeat_timeout_s=0)
+    w = torch.zeros(3, requires_grad=True)
+    # An optimizer's first step imports torch._dynamo, and with it torch.distributed.nn, after
+    # the group exists: that once kept the group (and gloo's threads) alive past shutdown.
+    torch.optim.SGD([w], lr=0.1).step(lambda: dist.all_reduce_sum_(ctx, torch.ones(4)).sum())
+    running = _gloo_threads()
+    dist.shutdown(ctx)
+    return {"running": running, "after": _gloo_threads()}
+
+
+def test_shutdown_joins_gloo_threads_after_an_optimizer_step() -> None:
+    """A gloo worker thread alive at interpreter exit can abort the rank with SIGABRT while it
+    releases a finished collective's tensor (seen in CI); shutdown must leave none running."""
+    for r in run_ranks(2, _shutdown_worker):
+        assert r["running"] and r["after"] == [], r
