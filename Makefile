@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test lint format bench bench-clustering bench-datapath bench-gather \
+.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-datapath bench-gather \
 	bench-epoch bench-quality bench-specialists bench-activations launch clean
 
 venv: $(STAMP)
@@ -44,8 +44,16 @@ LAUNCH_ARGS = $(if $(RESUME),--resume $(RESUME),--config $(CONFIG)) \
 launch: $(STAMP)
 	$(PY) -m launch.slurm $(LAUNCH_ARGS)
 
+# Every test: unit, multi-process gloo, end to end, and the SLURM tests, which start a real local
+# SLURM (munge, MariaDB, slurmdbd, slurmctld, two slurmd; needs root, apt-installs what is
+# missing). Deselect those with: make test PYTEST_ARGS='-m "not slurm"'.
+PYTEST_ARGS ?=
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The unit tests only (no rank processes, no whole runs, no SLURM): under two minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,8 +1,8 @@
 """Clustering overhead: the project's whole clustering step against bare faiss and scikit-learn.
 
-`kmeans.cluster_features` (PCA + whitening + L2, faiss k-means, assignment of every point,
-empty-cluster split, objective) is timed side by side, in one run and on the same features,
-against
+`kmeans.cluster_features` (PCA + whitening + L2, Lloyd's iterations on faiss's search with the
+exactness of README "Guarantees", assignment of every point, empty-cluster split, objective) is
+timed side by side, in one run and on the same features, against
 
   (a) a bare `faiss.Kmeans(d, k, niter, seed).train(x)` + `index.search(x, 1)`, and
   (b) scikit-learn's `KMeans(k, init="random", n_init=1, max_iter=niter, tol=0, algorithm="lloyd")`
@@ -76,17 +76,27 @@ def sklearn_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> KMeans:
 
 
 def breakdown(x: np.ndarray, k: int, niter: int, seed: int) -> dict[str, float]:
-    """The project's step, function by function, as cluster_features calls them."""
+    """The project's step, function by function, as `kmeans.cluster` calls them."""
     t: dict[str, float] = {}
-    t["pca_whiten + L2"], xp = timed(kmeans.pca_whiten, x, x.shape[1], True, True, seed)
-    t["kmeans (faiss train)"], (cent, _) = timed(kmeans.kmeans, xp, k, niter, seed, 256, False)
-    t["assign (every point)"], (labels, _) = timed(kmeans.assign, xp, cent, False)
-    rng = np.random.default_rng(seed)
-    t["split_empty_clusters"], (labels, cent, n_empty) = timed(
-        kmeans.split_empty_clusters, xp, labels, cent, rng
+    local, n, index = kmeans.LOCAL, len(x), np.arange(len(x))
+    t["fit_pca (exact covariance)"], pca = timed(
+        kmeans.fit_pca_on_sample, local, index, x, n, x.shape[1], True, seed
     )
-    if n_empty:  # otherwise the objective is the assignment's distances, as in cluster_features
-        t["mean_squared_distance"], _ = timed(kmeans.mean_squared_distance, xp, cent, labels)
+    t["project + L2 (exact products)"], xp = timed(kmeans.project, x, pca, True)
+    init = kmeans.initial_centroids(local, xp, index, k, seed)
+    max_abs = float(np.abs(xp).max())
+    scale = kmeans.fixed_point_scale(max_abs, n)
+    train = kmeans.keep_fraction(index, k * 256 / n, seed, kmeans.SALT_TRAIN)
+    x_train = xp if train.all() else xp[train]
+    rng = np.random.default_rng([seed, kmeans.SALT_TRAIN])
+    t["lloyd (certified faiss search, fixed-point sums)"], cent = timed(
+        kmeans.lloyd, local, x_train, init, niter, scale, rng
+    )
+    t["assign (every point)"], labels = timed(kmeans.assign, xp, cent)
+    t["split_empty_clusters_keyed"], (labels, cent, _) = timed(
+        kmeans.split_empty_clusters_keyed, local, xp, index, labels, cent, scale, seed
+    )
+    t["mean_loss (fixed point)"], _ = timed(kmeans.mean_loss, local, xp, cent, labels, max_abs, n)
     return t
 
 
@@ -235,9 +245,11 @@ def report(results: list[dict], args: argparse.Namespace, runtime: float) -> str
         f"{args.seed}; all sides cluster the same array.",
         f"- Project: `kmeans.cluster_features(x, k, pca_dim={main['d']}, whiten=True, l2=True, "
         f"niter={args.niter}, use_gpu=False)`: PCA fitted on up to "
-        f"{kmeans.PCA_FIT_MAX_ROWS:,} rows and applied to all, whitening, L2, `faiss.Kmeans` "
-        "(max_points_per_centroid=256), nearest-centroid assignment of every point, "
-        "`split_empty_clusters`, objective.",
+        f"{kmeans.PCA_FIT_MAX_ROWS:,} rows and applied to all (exact products), whitening, L2, "
+        "Lloyd's iterations on at most 256 points per centroid with `faiss.IndexFlatL2` top-2 "
+        "search certified by its error bound and fixed-point sums, nearest-centroid assignment "
+        "of every point, `split_empty_clusters_keyed`, fixed-point objective: the same bits on "
+        "any CPU, thread count and number of ranks.",
         f"- Bare faiss: `faiss.Kmeans(d, k, niter={args.niter}, seed=s).train(x)` then "
         "`km.index.search(x, 1)` on the raw features (same default max_points_per_centroid=256, "
         "so both sides train on the same number of points).",

@@ -60,8 +60,9 @@ def cluster_layer(layer: str, feats: np.ndarray, rows: np.ndarray, cfg: Config) 
     """k-means of one layer exactly as a DeepCluster epoch clusters its embedding.
 
     cluster.pca_dim is capped at the layer's width (early layers can be narrower than the
-    embedding). The points are projected again to measure distances to the centroids: the
-    projection is deterministic, so these are the points k-means clustered.
+    embedding). The points are projected again, with the clustering's own PCA, to measure
+    distances to the centroids: the projection is exact row by row, so these are the points
+    k-means clustered.
     """
     c = cfg.cluster
     pca_dim = min(c.pca_dim, feats.shape[1], len(feats))
@@ -71,19 +72,9 @@ def cluster_layer(layer: str, feats: np.ndarray, rows: np.ndarray, cfg: Config) 
         max_points_per_centroid=c.max_points_per_centroid, split_eps=c.split_eps,
         use_gpu=c.use_gpu, index=rows,
     )  # fmt: skip
-    x = kmeans.pca_whiten(feats, pca_dim, whiten=c.whiten, l2=c.l2_normalize, seed=seed)
-    sq = distances_to_centroids(x, clusters.centroids, clusters.labels)
+    x = kmeans.project(feats, clusters.pca, c.l2_normalize)
+    sq = kmeans.squared_distances(x, clusters.centroids, clusters.labels).astype(np.float32)
     return LayerClusters(layer, feats.shape[1], pca_dim, rows, clusters.labels, sq, clusters.loss)
-
-
-def distances_to_centroids(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Squared L2 distance of each point to its own centroid, in chunks (no second N x d copy)."""
-    out = np.empty(len(x), dtype=np.float32)
-    step = kmeans.ASSIGN_CHUNK_ROWS
-    for s in range(0, len(x), step):
-        diff = x[s : s + step] - centroids[labels[s : s + step]]
-        out[s : s + step] = np.einsum("ij,ij->i", diff, diff)
-    return out
 
 
 def nearest_to_centroid(

@@ -44,6 +44,8 @@ T = TypeVar("T")
 GATHER_CHUNK_BYTES = 64 << 20
 # Seconds without a heartbeat after which a rank is lost (config: dist.heartbeat_timeout_s).
 HEARTBEAT_TIMEOUT_S = 180.0
+# Seconds `shutdown` leaves the GIL to gloo's worker threads before the group is freed.
+QUIESCE_S = 0.25
 # Exit status of a rank that stops because another rank is lost (EX_UNAVAILABLE).
 EXIT_RANK_LOST = 69
 # Heartbeat values that are not beats: the rank left the group normally, or on an error.
@@ -123,11 +125,21 @@ def shutdown(ctx: DistContext) -> None:
     before every rank has said in the store that it is leaving, not lost, and every rank from
     tearing gloo down while a peer is still in a collective. Leaving frees the group and joins
     its worker threads (see the import of torch.distributed.nn above for what once kept it).
+
+    Before leaving, this thread lets go of the GIL for QUIESCE_S: a gloo worker thread drops its
+    reference to a finished collective's tensors only after the caller saw it finish, and that
+    drop takes the GIL. Whoever frees the group (destroy_process_group, or DDP's reducer when
+    the wrapper is freed later) joins the worker threads while holding the GIL, so a worker
+    still dropping a tensor then waits on a thread that waits on it: a finished run that never
+    exited, seen on a loaded machine. After the barrier no collective is issued; once the
+    workers had a moment to take the GIL they are idle, and freeing the group is safe whenever
+    it happens.
     """
     if ctx.heartbeat is not None:
         ctx.heartbeat.stop()
     if ctx.distributed and tdist.is_initialized():
         tdist.barrier()
+        time.sleep(QUIESCE_S)
         tdist.destroy_process_group()
 
 

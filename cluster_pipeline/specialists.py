@@ -173,7 +173,7 @@ def _one_run(
 ) -> tuple[np.ndarray, np.ndarray]:
     if method == "kmeans":
         centroids, _ = kmeans.kmeans(x, groups, niter, seed, max_points_per_centroid=len(x))
-        labels, _ = kmeans.assign(x, centroids)
+        labels = kmeans.assign(x, centroids)
         return labels, centroids
     from sklearn.cluster import MiniBatchKMeans
 

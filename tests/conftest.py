@@ -1,4 +1,8 @@
-"""Shared fixtures: real shards built once per session, W&B kept offline and inside tmp dirs."""
+"""Shared fixtures: real shards built once per session, W&B kept offline and inside tmp dirs;
+the `slow` marker of every test that starts rank processes or whole runs.
+
+`make test` runs everything; `make test-fast` (-m "not slow and not slurm") the unit tests.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,20 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a local
 from cluster_pipeline.data.shards import digits_source, write_shards
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Fixtures that start rank processes or whole runs (seconds each): every test that uses one is
+# marked slow, as are the tests marked so where they start processes themselves.
+SLOW_FIXTURES = frozenset({
+    "world1", "world2", "world3", "resumed", "reference", "two_rank_run", "supervised",
+    "clusterfit", "runs", "generalist", "trained", "skip_run", "rank_results", "gather_results",
+    "ddp_results", "one_epoch", "two_node_run", "slurm_cluster",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
+from limits import limit
 
 
 def _free_port() -> int:
@@ -23,19 +24,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Intra-op threads of every rank the tests start (run_ranks, start_cli_ranks, and launch.local
+# with launcher_env): torch's CPU results depend on the thread count, so runs compared bit for
+# bit must use the same one, whatever OMP_NUM_THREADS the suite runs under.
+RANK_THREADS = 1
+
+
+def launcher_env(threads: int | None = RANK_THREADS) -> dict[str, str]:
+    """This environment for a launch.local or torchrun subprocess: none of this process's rank
+    variables, and `threads` threads per rank (None: OMP_NUM_THREADS as it is here)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return env if threads is None else env | {"OMP_NUM_THREADS": str(threads)}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(RANK_THREADS),
     )  # fmt: skip
     # A spawned child inherits "spawn" as its default start method; a torchrun rank starts with
     # the platform default (fork on Linux), so its DataLoader workers must not be spawned here.
     multiprocessing.set_start_method(None, force=True)
-    # torch was imported (to unpickle fn) before OMP_NUM_THREADS was set: one thread, as a
-    # torchrun rank on this machine has, so results match a torchrun run bit for bit.
+    # torch was imported (to unpickle fn) before OMP_NUM_THREADS was set.
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(RANK_THREADS)
     import torch.distributed as tdist
 
     try:
@@ -53,7 +66,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: 
 
 
 def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 120) -> list[Any]:
-    """fn(rank, world, *args) on `world` processes; returns results in rank order.
+    """fn(rank, world, *args) on `world` processes; returns results in rank order. `timeout`
+    is an idle machine's limit (`limits.limit` stretches it by the load).
 
     `fn` must be a module-level function. The processes get torchrun's environment variables, so
     `cluster_pipeline.dist.init_distributed` joins a real gloo group.
@@ -65,7 +79,7 @@ def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 120) -> lis
         )  # fmt: skip
         import time
 
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit(timeout)
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
@@ -91,7 +105,7 @@ def start_cli_ranks(
     for rank in range(world):
         rank_env = dict(env or os.environ, RANK=str(rank), WORLD_SIZE=str(world),
                         LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                        OMP_NUM_THREADS="1", PYTHONPATH=str(repo))  # fmt: skip
+                        OMP_NUM_THREADS=str(RANK_THREADS), PYTHONPATH=str(repo))  # fmt: skip
         with open(out_dir / f"out{rank}.txt", "w") as out:
             procs.append(subprocess.Popen([sys.executable, *argv], cwd=repo, env=rank_env,
                                           stdout=out, stderr=subprocess.STDOUT,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from limits import limit
 
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
 START_SCRIPT = SCRIPTS / "start_local_slurm.sh"
@@ -183,7 +184,9 @@ class SlurmCluster:
         cwd: Path | str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command (srun, sbatch, sacct...) with text output captured. With `check`, a
-        non-zero status or a timeout fails the test with the output and the recent logs."""
+        non-zero status or a timeout fails the test with the output and the recent logs.
+        `timeout` is an idle machine's limit, stretched by the load."""
+        timeout = limit(timeout)
         try:
             res = subprocess.run(
                 cmd,
@@ -215,7 +218,9 @@ class SlurmCluster:
         return states[0] if states else None
 
     def wait_job(self, job_id: int | str, timeout: float = 60) -> str:
-        """Wait until sacct reports a terminal state for the job, and return that state."""
+        """Wait until sacct reports a terminal state for the job, and return that state.
+        `timeout` is an idle machine's limit, stretched by the load (`limits.limit`)."""
+        timeout = limit(timeout)
         deadline = time.monotonic() + timeout
         state = None
         while time.monotonic() < deadline:
@@ -255,6 +260,7 @@ class SlurmCluster:
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Wait until every node is idle (jobs done, "completing" over); fail the test if not."""
+        timeout = limit(timeout)
         deadline = time.monotonic() + timeout
         while (states := self.node_states()) != dict.fromkeys(self.nodes, "idle"):
             if time.monotonic() > deadline:
@@ -284,7 +290,7 @@ def _stop(daemons: Sequence[str]) -> str:
     """Stop these daemons by PID with the stop script; returns what went wrong, or ""."""
     if not daemons:
         return ""
-    rc, out = _run_script([str(STOP_SCRIPT), *daemons], STOP_TIMEOUT_S)
+    rc, out = _run_script([str(STOP_SCRIPT), *daemons], limit(STOP_TIMEOUT_S))
     still = sorted(set(daemons) & set(alive_daemons()))
     if rc == 0 and not still:
         return ""
@@ -302,7 +308,8 @@ def _start(workdir: Path) -> SlurmCluster:
     before = alive_daemons()
     t0 = time.monotonic()
     try:
-        rc, out = _run_script([str(START_SCRIPT)], START_TIMEOUT_S, env=_script_env())
+        start_limit = limit(START_TIMEOUT_S)
+        rc, out = _run_script([str(START_SCRIPT)], start_limit, env=_script_env())
     except BaseException:
         _stop([d for d in alive_daemons() if d not in before])
         raise
@@ -310,7 +317,7 @@ def _start(workdir: Path) -> SlurmCluster:
     now = alive_daemons()
     missing = [d for d in DAEMONS if d not in now]
     if rc != 0 or missing:
-        reason = (f"timed out after {START_TIMEOUT_S} s" if rc is None else f"exited {rc}") + (
+        reason = (f"timed out after {start_limit:.0f} s" if rc is None else f"exited {rc}") + (
             f", daemons not running: {missing}" if missing else ""
         )
         stop_error = _stop([d for d in now if d not in before])

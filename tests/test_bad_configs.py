@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from limits import limit
 from multiproc import kill_all, start_cli_ranks
 
 from cluster_pipeline.config import ConfigError, load_config, per_rank_batch_size
@@ -32,6 +33,7 @@ def error_lines(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_each_bad_config_is_one_line_naming_the_key(digits_shards: Path, tmp_path: Path) -> None:
     """The single-process CLI, all cases at once (each is a Python start-up, 2 cores)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -44,7 +46,7 @@ def test_each_bad_config_is_one_line_naming_the_key(digits_shards: Path, tmp_pat
 
     procs = {name: start(name, override) for name, (override, _) in CASES.items()}
     for name, proc in procs.items():
-        out, err = proc.communicate(timeout=240)
+        out, err = proc.communicate(timeout=limit(240))
         assert proc.returncode == 2, (name, out[-2000:], err[-2000:])
         lines = error_lines(err)
         assert len(lines) == 1, (name, err)
@@ -57,6 +59,7 @@ def test_each_bad_config_is_one_line_naming_the_key(digits_shards: Path, tmp_pat
         assert not (tmp_path / name / "wandb").exists()
 
 
+@pytest.mark.slow
 def test_global_batch_that_does_not_divide_stops_every_rank(
     digits_shards: Path, tmp_path: Path
 ) -> None:
@@ -66,7 +69,7 @@ def test_global_batch_that_does_not_divide_stops_every_rank(
             f"run.dir={run_dir}", "train.global_batch_size=63"]  # fmt: skip
     procs = start_cli_ranks(argv, tmp_path / "out")
     try:
-        codes = [p.wait(timeout=240) for p in procs]
+        codes = [p.wait(timeout=limit(240)) for p in procs]
     finally:
         kill_all(procs)
     for rank, code in enumerate(codes):

@@ -6,6 +6,7 @@ the worker functions are module-level so the spawned processes can import them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,7 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_extraction_reads_every_sample_exactly_once(
     world: int, digits_shards: Path, tiny_shards: Path, dist_env: None
@@ -377,8 +379,39 @@ def _shutdown_worker(rank: int, world: int) -> dict:
     return {"running": running, "after": _gloo_threads()}
 
 
+@pytest.mark.slow
 def test_shutdown_joins_gloo_threads_after_an_optimizer_step() -> None:
     """A gloo worker thread alive at interpreter exit can abort the rank with SIGABRT while it
     releases a finished collective's tensor (seen in CI); shutdown must leave none running."""
     for r in run_ranks(2, _shutdown_worker):
         assert r["running"] and r["after"] == [], r
+
+
+TEARDOWNS = 12
+
+
+def _teardown_worker(rank: int, world: int) -> int:
+    """TEARDOWNS times: a process group, a DDP step, small broadcasts, shutdown, then the DDP
+    wrapper freed, which frees the group it still holds (holding the GIL)."""
+    port = int(os.environ["MASTER_PORT"])
+    for i in range(TEARDOWNS):
+        os.environ["MASTER_PORT"] = str(port + 1 + i)  # a fresh store each time
+        ctx = dist.init_distributed(timeout_s=60, heartbeat_timeout_s=0)
+        model = nn.Linear(4, 4)
+        ddp = dist.wrap_ddp(ctx, model)
+        ddp(torch.ones(8, 4)).sum().backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        for _ in range(3):
+            dist.broadcast_string(ctx, "run dir" if ctx.is_main else None)
+        dist.shutdown(ctx)
+        del ddp
+    return TEARDOWNS
+
+
+@pytest.mark.slow
+def test_process_group_teardown_never_hangs() -> None:
+    """A gloo worker thread that drops a finished broadcast's tensors takes the GIL; the main
+    thread freeing the group (DDP's reducer holds it past shutdown) joins that worker holding
+    the GIL. A rank once hung there at the end of a finished run on a loaded machine, and this
+    loop without shutdown's pause hung within 5 to 12 teardowns beside two busy processes."""
+    assert run_ranks(2, _teardown_worker, timeout=120) == [TEARDOWNS] * 2

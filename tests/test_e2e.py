@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from limits import limit
+from multiproc import RANK_THREADS, launcher_env
 
 from cluster_pipeline.tracking import read_wandb_history
+
+pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = {
@@ -24,10 +27,10 @@ KEYS = {
 def cli(*args: str, nproc: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
     """`cluster-pipeline ARGS` as one process, or on `nproc` torchrun ranks through launch.local."""
     prefix = ["-m", "launch.local", "--nproc", str(nproc)] if nproc else ["-m", "cluster_pipeline"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = launcher_env(threads=RANK_THREADS if nproc else None)
     return subprocess.run(
         [sys.executable, *prefix, *args], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=timeout,
+        timeout=limit(timeout),
     )  # fmt: skip
 
 

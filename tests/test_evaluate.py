@@ -67,6 +67,7 @@ def _probe_on_ranks(rank: int, world: int) -> tuple[float, float, float, int]:
     return r.top1, r.train_top1, r.loss, r.iters
 
 
+@pytest.mark.slow
 def test_probe_on_two_ranks_equals_one_rank() -> None:
     single = _probe_on_ranks(0, 1)
     ranks = run_ranks(2, _probe_on_ranks)
@@ -154,6 +155,7 @@ def test_split_is_fixed_disjoint_and_covers_every_sample(runs: dict[str, Path]) 
         assert np.array_equal(np.union1d(train, test), np.arange(1797))
 
 
+@pytest.mark.slow
 def test_unknown_layer_is_a_clear_error(digits_shards: Path, tmp_path: Path) -> None:
     from test_e2e import cli
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from limits import limit
 from multiproc import kill_all, start_cli_ranks
 
 from cluster_pipeline import checkpoint
@@ -34,7 +35,7 @@ def one_epoch(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A run directory holding the checkpoint after epoch 0 (one process: it is world-free)."""
     run_dir = tmp_path_factory.mktemp("disk") / "run"
     res = subprocess.run([sys.executable, *train_argv(digits_shards, run_dir, 1)], cwd=REPO,
-                         capture_output=True, text=True, timeout=240)  # fmt: skip
+                         capture_output=True, text=True, timeout=limit(240))  # fmt: skip
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["checkpoint-000001.pt"]
     return run_dir
@@ -79,7 +80,7 @@ def test_unwritable_checkpoint_stops_every_rank_naming_path_and_cause(
     before = (run_dir / "checkpoints" / "checkpoint-000001.pt").read_bytes()
     procs = start_cli_ranks(train_argv(digits_shards, run_dir, 2), tmp_path / "out")
     try:
-        codes = [p.wait(timeout=240) for p in procs]
+        codes = [p.wait(timeout=limit(240)) for p in procs]
     finally:
         kill_all(procs)
     outs = [(tmp_path / "out" / f"out{r}.txt").read_text() for r in range(2)]

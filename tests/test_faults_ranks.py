@@ -18,10 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from multiproc import kill_all, start_cli_ranks
+from limits import limit
+from multiproc import kill_all, launcher_env, start_cli_ranks
 
 from cluster_pipeline import checkpoint
 from cluster_pipeline.dist import EXIT_RANK_LOST
+
+pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "digits_test.yaml")
@@ -30,7 +33,7 @@ BOUND_S = 60  # from the kill to the survivor's exit, with room for a loaded mac
 
 
 def wait_for_text(path: Path, text: str, count: int = 1, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit(timeout)
     while not (path.exists() and path.read_text(errors="replace").count(text) >= count):
         assert time.monotonic() < deadline, f"{path} never showed {text!r} {count} times"
         time.sleep(0.02)
@@ -38,10 +41,11 @@ def wait_for_text(path: Path, text: str, count: int = 1, timeout: float = 120) -
 
 def wait_exit(proc: subprocess.Popen, since: float) -> tuple[int, float]:
     """The exit status of `proc` and seconds from `since`; fails past BOUND_S (a hang)."""
+    bound = limit(BOUND_S)
     try:
-        rc = proc.wait(timeout=BOUND_S - (time.monotonic() - since))
+        rc = proc.wait(timeout=bound - (time.monotonic() - since))
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the survivor still runs {BOUND_S} s after the kill: a hang")
+        pytest.fail(f"the survivor still runs {bound:.0f} s after the kill: a hang")
     return rc, time.monotonic() - since
 
 
@@ -89,7 +93,7 @@ def test_a_busy_rank_is_not_declared_dead(tmp_path: Path) -> None:
     procs = start_cli_ranks(["-c", SCENARIO, "busy", "2"], tmp_path)
     try:
         for p in procs:
-            assert p.wait(timeout=120) == 0, (tmp_path / "out0.txt").read_text()[-3000:]
+            assert p.wait(timeout=limit(120)) == 0, (tmp_path / "out0.txt").read_text()[-3000:]
     finally:
         kill_all(procs)
     for rank in range(2):
@@ -116,7 +120,7 @@ def test_busy_survivor_names_the_lost_rank(tmp_path: Path, victim: int) -> None:
     if victim == 0:
         assert "rendezvous store it hosts" in out, out[-3000:]
     assert f"rank {1 - victim} was in cluster_for_a_while" in out, out[-3000:]
-    assert seconds < timeout + 10, seconds
+    assert seconds < limit(timeout + 10), seconds  # T + one interval, and the exit
     print(f"time to error: {seconds:.1f} s (heartbeat timeout {timeout} s)")
 
 
@@ -173,7 +177,7 @@ def test_killed_rank_is_named_by_the_survivor(
 def test_torchrun_survivor_names_the_lost_rank(digits_shards: Path, tmp_path: Path) -> None:
     """Under torchrun the agent also stops the survivor; our error must be in its log first."""
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = launcher_env()
     cmd = [sys.executable, "-m", "launch.local", "--nproc", "2",
            *train_args(digits_shards, run_dir)[2:]]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True,
@@ -184,7 +188,7 @@ def test_torchrun_survivor_names_the_lost_rank(digits_shards: Path, tmp_path: Pa
         pid = int(re.findall(r"pid (\d+)", (run_dir / "logs" / "rank1.log").read_text())[0])
         os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        out, _ = proc.communicate(timeout=BOUND_S)
+        out, _ = proc.communicate(timeout=limit(BOUND_S))
         seconds = time.monotonic() - killed
     finally:
         if proc.poll() is None:

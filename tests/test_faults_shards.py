@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from multiproc import run_ranks
+from limits import limit
+from multiproc import launcher_env, run_ranks
 from sklearn.metrics import normalized_mutual_info_score
 
 from cluster_pipeline import cli, dist, metrics
@@ -167,12 +167,12 @@ def test_fail_mode_names_shard_and_key(
 def skip_run(corrupt_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two torchrun ranks, data.on_error=skip, two epochs on the corrupt shards."""
     run_dir = tmp_path_factory.mktemp("skip") / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = launcher_env()
     res = subprocess.run(
         [sys.executable, "-m", "launch.local", "--nproc", "2", "train", "--config", CONFIG,
          f"data.shards={corrupt_shards}", f"run.dir={run_dir}", "data.on_error=skip",
          "wandb.mode=disabled"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=limit(300),
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return run_dir
@@ -254,6 +254,7 @@ def test_metrics_ignore_skipped_samples() -> None:
     assert stats["cluster_size_max"] == np.bincount(labels[good]).max()
 
 
+@pytest.mark.slow
 def test_loader_workers_report_skipped_samples_to_the_main_process(corrupt_shards: Path) -> None:
     index = ShardIndex.load(corrupt_shards, allow_truncated=True)
     reader = SampleReader(index, load_size=8, channels=1)

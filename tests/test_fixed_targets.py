@@ -34,6 +34,8 @@ from cluster_pipeline.rotnet import rotate_batch
 from cluster_pipeline.stop import StopFlag, Stopped
 from cluster_pipeline.tracking import read_wandb_history
 
+pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
+
 CONFIG = "configs/digits_test.yaml"
 N = 1797
 K = 24
@@ -177,15 +179,24 @@ def fit_rank(rank: int, world: int, args: list[str], pretrained: str, stop_at: i
     return "done"
 
 
+def stop_then_resume(
+    rank: int, world: int, args: list[str], pretrained: str, stop_at: int
+) -> tuple[str, str]:
+    return fit_rank(rank, world, args, pretrained, stop_at), fit_rank(
+        rank, world, args, pretrained, 0
+    )
+
+
 def test_clusterfit_stop_and_resume_is_bit_identical_without_clustering_again(
     clusterfit: Path, supervised: Path, digits_shards: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
     args = [f"data.shards={digits_shards}", f"run.dir={run_dir}", *FIT]
     pretrained = str(checkpoint.checkpoint_path(supervised, 2))
-    first = run_ranks(2, fit_rank, args, pretrained, 5 + 4)  # epoch 1, before step 3
-    assert first == [f"stopped:{checkpoint.checkpoint_path(run_dir, 1, 3)}"] * 2, first
-    assert run_ranks(2, fit_rank, args, pretrained, 0) == ["done"] * 2
+    # Stopped in epoch 1 before step 3, then run again: one pair of rank processes for both runs.
+    results = run_ranks(2, stop_then_resume, args, pretrained, 5 + 4)
+    assert [r[0] for r in results] == [f"stopped:{checkpoint.checkpoint_path(run_dir, 1, 3)}"] * 2
+    assert [r[1] for r in results] == ["done"] * 2
     final = checkpoint.checkpoint_path(run_dir, EPOCHS)
     assert digest(weights(final)) == digest(weights(checkpoint.checkpoint_path(clusterfit, EPOCHS)))
     assert values(run_dir) == values(clusterfit)

@@ -38,31 +38,32 @@ def blobs(n: int = 20000, d: int = 64, k: int = 50) -> np.ndarray:
 
 
 @needs_faiss_gpu
-def test_faiss_kmeans_on_every_gpu_agrees_with_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gather_mode_searches_on_every_gpu_and_agrees_with_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     x = blobs()
-    used: list[object] = []
-    real = faiss.Kmeans
+    used: list[int] = []
+    real = faiss.index_cpu_to_all_gpus
 
-    def spy(*args: object, **kw: object) -> faiss.Kmeans:
-        used.append(kw.get("gpu"))
-        return real(*args, **kw)
+    def spy(index: faiss.Index, *args: object, **kw: object) -> faiss.Index:
+        used.append(index.d)
+        return real(index, *args, **kw)
 
-    monkeypatch.setattr(faiss, "Kmeans", spy)
-    c_gpu, _ = kmeans.kmeans(x, 50, niter=10, use_gpu=True, init_centroids=x[:50])
-    c_cpu, _ = kmeans.kmeans(x, 50, niter=10, use_gpu=False, init_centroids=x[:50])
-    assert used == [kmeans.num_gpus(), False]  # rank 0 trains on all of its node's GPUs
-    l_gpu, _ = kmeans.assign(x, c_gpu, use_gpu=True)
-    l_cpu, _ = kmeans.assign(x, c_cpu, use_gpu=False)
-    assert (l_gpu == l_cpu).mean() > 0.99  # same start: only float summation order differs
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", spy)
+    on_gpu = kmeans.cluster_features(x, 50, pca_dim=0, l2=False, niter=10, use_gpu=True)
+    assert used and set(used) == {64}  # rank 0 searches on all of its node's GPUs
+    on_cpu = kmeans.cluster_features(x, 50, pca_dim=0, l2=False, niter=10, use_gpu=False)
+    assert len(used) == 11  # 10 Lloyd iterations and the final assignment; none on CPU
+    # Same start, same sums: only the GPU's rounding of near-ties can differ.
+    assert (on_gpu.labels == on_cpu.labels).mean() > 0.99
 
 
 @needs_faiss_gpu
-def test_a_ranks_own_gpu_index_assigns_like_the_cpu() -> None:
+def test_a_ranks_own_gpu_search_assigns_like_the_cpu() -> None:
     x = blobs()
     centroids = x[:50].copy()
-    l_cpu, d_cpu = kmeans.assign(x, centroids, use_gpu=False)
-    l_gpu, d_gpu = kmeans.assign(x, centroids, use_gpu=False, gpu=kmeans.GpuIndex(0))
-    np.testing.assert_allclose(d_gpu, d_cpu, rtol=1e-3, atol=1e-3)
+    l_cpu = kmeans.assign(x, centroids)
+    l_gpu = kmeans.assign(x, centroids, kmeans.GpuSearch(0))
     assert (l_gpu == l_cpu).mean() > 0.999
 
 

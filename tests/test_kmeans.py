@@ -345,14 +345,15 @@ def test_cluster_features_is_deterministic_for_a_seed():
 # ------------------------------------------------------------------------------------- assign
 
 
-@pytest.mark.parametrize("chunk", [km.ASSIGN_CHUNK_ROWS, 100])
-def test_assign_equals_brute_force_argmin(monkeypatch: pytest.MonkeyPatch, chunk: int):
-    monkeypatch.setattr(km, "ASSIGN_CHUNK_ROWS", chunk)  # 1003 rows: chunks that do not divide
+@pytest.mark.parametrize("block_bytes", [km.BLOCK_BYTES, 100 * 8 * 8])
+def test_assign_equals_brute_force_argmin(monkeypatch: pytest.MonkeyPatch, block_bytes: int):
+    monkeypatch.setattr(km, "BLOCK_BYTES", block_bytes)  # 1003 rows: blocks that do not divide
     rng = np.random.default_rng(20)
     x = rng.normal(size=(1003, 8)).astype(np.float32)
     centroids = rng.normal(size=(17, 8)).astype(np.float32)
-    labels, dist = assign(x, centroids, use_gpu=False)
+    labels = assign(x, centroids)
     d2 = brute_force_sq_dist(x, centroids)
     assert labels.dtype == np.int64 and labels.shape == (1003,)
     np.testing.assert_array_equal(labels, d2.argmin(axis=1))
-    np.testing.assert_allclose(dist, d2.min(axis=1), rtol=1e-4, atol=1e-5)
+    sq = km.squared_distances(x, centroids, labels)
+    np.testing.assert_allclose(sq, d2.min(axis=1), rtol=1e-12)

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from limits import limit
+
 from cluster_pipeline.config import load_config
 from launch.slurm import rendezvous_port, slurm_parameters
 
@@ -36,11 +39,12 @@ def test_rendezvous_ports_differ_between_jobs_and_attempts() -> None:
     assert rendezvous_port(4242, 1) != rendezvous_port(4242, 0)
 
 
+@pytest.mark.slow
 def test_launch_without_slurm_fails_at_once() -> None:
     env = dict(os.environ, PATH=str(Path(sys.executable).parent))  # python, but no sbatch
     res = subprocess.run([sys.executable, "-m", "launch.slurm", "--config",
                           "configs/demo_mnist.yaml"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+                         text=True, timeout=limit(60))  # fmt: skip
     assert res.returncode == 2
     assert "no SLURM here (sbatch is not on PATH)" in res.stderr
     assert "launch.local" in res.stderr

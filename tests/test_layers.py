@@ -78,6 +78,7 @@ def test_load_weights_sizes_the_head_and_names_a_wrong_arch(tmp_path: Path) -> N
         model_state(tmp_path / "nope.pt")
 
 
+@pytest.mark.slow
 def test_extract_layers_on_two_ranks_equals_one_process(
     digits_shards: Path, tmp_path: Path
 ) -> None:
@@ -122,6 +123,7 @@ def test_config_comes_from_a_run_checkpoint_or_config(tmp_path: Path) -> None:
         config_for_weights(None, str(tmp_path / "plain.pt"))
 
 
+@pytest.mark.slow
 def test_extract_on_the_test_split(digits_shards: Path, tmp_path: Path) -> None:
     res = cli("extract", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
               "data.split=test", f"run.dir={tmp_path / 'run'}",

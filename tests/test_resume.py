@@ -1,4 +1,5 @@
-"""Exact resume: a run stopped and continued ends bit-identical to the uninterrupted run.
+"""Exact resume: a run stopped and continued ends bit-identical to the uninterrupted run, in the
+same W&B run.
 
 Stops land at exact positions through a StopFlag that fires at its Nth poll (the loop polls once
 before clustering each epoch and before every training step), then real signals: SIGTERM to
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from multiproc import run_ranks
+from limits import limit
+from multiproc import launcher_env, run_ranks
 
 from cluster_pipeline import checkpoint
 from cluster_pipeline.config import load_config
 from cluster_pipeline.stop import StopFlag, Stopped
+from cluster_pipeline.tracking import read_metrics, read_wandb_history
 from cluster_pipeline.train import run_deepcluster
+
+pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "digits_test.yaml")
@@ -75,36 +81,70 @@ def metric_values(run_dir: Path) -> list[dict]:
             for r in rows]  # fmt: skip
 
 
+# Stop positions of test_stop_and_resume_is_bit_identical, as the poll a StopAtPoll stops at.
+STOPS = {
+    "epoch-boundary": POLLS_PER_EPOCH + 1,
+    "mid-epoch": POLLS_PER_EPOCH + 2 + 5,
+    "right-after-clustering": 2 * POLLS_PER_EPOCH + 2,
+}
+# The mid-epoch case also runs with wandb.mode=auto and no WANDB_MODE (the W&B test below).
+WANDB_CASE = "mid-epoch"
+
+
+def stop_and_resume_every_case(rank: int, world: int, shards: Path, base: Path) -> dict:
+    """The uninterrupted run, then each case of STOPS stopped and resumed, in one pair of rank
+    processes (spawning ranks costs seconds): the same calls as separate processes would make,
+    each run with its own process group. A copy of the mid-epoch case's run directory as it
+    was stopped is left for test_resume_refuses_a_different_world_size_mid_epoch."""
+    out = {"reference": train_rank(rank, world, overrides(shards, base / "reference"), 0)}
+    for case, stop_at in STOPS.items():
+        run_dir = base / case
+        args = overrides(shards, run_dir, *(["wandb.mode=auto"] if case == WANDB_CASE else []))
+        mode = os.environ.pop("WANDB_MODE", None) if case == WANDB_CASE else None
+        first = train_rank(rank, world, args, stop_at)
+        stopped = {"first": first, "epochs_logged": len(metric_values(run_dir)) if rank == 0 else 0}
+        if case == WANDB_CASE and rank == 0:
+            stopped["wandb_id"] = checkpoint.load_latest(run_dir)["wandb_id"]  # type: ignore[index]
+            shutil.copytree(run_dir, base / "stopped-mid-epoch")
+        stopped["second"] = train_rank(rank, world, args, 0)
+        if mode is not None:
+            os.environ["WANDB_MODE"] = mode
+        out[case] = stopped
+    return out
+
+
 @pytest.fixture(scope="module")
-def reference(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir), 0) == ["done"] * 2
-    return run_dir
+def resumed(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    base = tmp_path_factory.mktemp("resume")
+    return base, run_ranks(2, stop_and_resume_every_case, digits_shards, base, timeout=600)
 
 
-@pytest.mark.parametrize(
-    "stop_at",
-    [POLLS_PER_EPOCH + 1, POLLS_PER_EPOCH + 2 + 5, 2 * POLLS_PER_EPOCH + 2],
-    ids=["epoch-boundary", "mid-epoch", "right-after-clustering"],
-)
+@pytest.fixture(scope="module")
+def reference(resumed: tuple[Path, list]) -> Path:
+    base, results = resumed
+    assert [r["reference"] for r in results] == ["done"] * 2
+    return base / "reference"
+
+
+@pytest.mark.parametrize("case", list(STOPS))
 def test_stop_and_resume_is_bit_identical(
-    reference: Path, digits_shards: Path, tmp_path: Path, stop_at: int
+    reference: Path, resumed: tuple[Path, list], case: str
 ) -> None:
-    run_dir = tmp_path / "run"
-    args = overrides(digits_shards, run_dir)
-    first = run_ranks(2, train_rank, args, stop_at)
+    base, results = resumed
+    run_dir = base / case
+    first = [r[case]["first"] for r in results]
     assert all(r.startswith("stopped:") for r in first), first
-    epoch, step = divmod(stop_at - 1, POLLS_PER_EPOCH)
+    epoch, step = divmod(STOPS[case] - 1, POLLS_PER_EPOCH)
     expected = checkpoint.checkpoint_path(run_dir, epoch, None if step == 0 else step - 1)
     assert first[0] == f"stopped:{expected}"
-    assert len(metric_values(run_dir)) == epoch
-    assert run_ranks(2, train_rank, args, 0) == ["done"] * 2
+    assert results[0][case]["epochs_logged"] == epoch
+    assert [r[case]["second"] for r in results] == ["done"] * 2
     assert weights_hash(run_dir) == weights_hash(reference)
     assert metric_values(run_dir) == metric_values(reference)
 
 
 def torchrun(args: list[str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = launcher_env()
     cmd = [sys.executable, "-m", "launch.local", "--nproc", "2", "train", "--config", CONFIG, *args]
     out = subprocess.PIPE
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -120,7 +160,7 @@ def rank_pids(launcher: subprocess.Popen) -> list[int]:
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit(timeout)
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
@@ -143,24 +183,48 @@ def test_real_signal_then_restart_is_bit_identical(
             os.kill(pid, signal.SIGTERM)
     else:
         os.kill(pids[1], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=limit(120))
     assert proc.returncode != 0, out[-3000:]
     if how == "sigterm-every-rank":
         assert "stopped on SIGTERM" in out, out[-3000:]
     assert len(metric_values(run_dir)) < EPOCHS
     again = torchrun(args)
-    out, _ = again.communicate(timeout=240)
+    out, _ = again.communicate(timeout=limit(240))
     assert again.returncode == 0, out[-3000:]
     assert weights_hash(run_dir) == weights_hash(reference)
     assert metric_values(run_dir) == metric_values(reference)
 
 
 def test_resume_refuses_a_different_world_size_mid_epoch(
-    digits_shards: Path, tmp_path: Path
+    resumed: tuple[Path, list], digits_shards: Path
 ) -> None:
-    run_dir = tmp_path / "run"
-    args = overrides(digits_shards, run_dir)
-    run_ranks(2, train_rank, args, POLLS_PER_EPOCH + 4)
+    run_dir = resumed[0] / "stopped-mid-epoch"  # as stopped within epoch 1 by 2 ranks, at step 5
     with pytest.raises(AssertionError, match="written within epoch 1 by 2 ranks"):
-        run_ranks(1, train_rank, args, 0)
-    assert torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)["step"] == 2
+        run_ranks(1, train_rank, overrides(digits_shards, run_dir), 0)
+    assert torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)["step"] == 5
+
+
+WANDB_KEYS = ("nmi_gt", "nmi_prev", "train_loss", "kmeans_loss", "cluster_size_max")
+
+
+def test_stopped_run_continues_the_same_wandb_run(resumed: tuple[Path, list]) -> None:
+    """W&B without network or API key (wandb.mode=auto, WANDB_MODE unset): offline, no hang.
+    A run stopped mid-epoch and resumed logs into the same run id (stored in the checkpoint,
+    resumed with resume="allow"), and its offline files hold every epoch exactly once, with
+    the values of metrics.jsonl."""
+    base, results = resumed
+    run_dir, stored_id = base / WANDB_CASE, results[0][WANDB_CASE]["wandb_id"]
+    runs = sorted((run_dir / "wandb").glob("*run-*"))
+    assert [p.name.split("-")[0] for p in runs] == ["offline", "offline"], runs
+    assert {p.name.rsplit("-", 1)[-1] for p in runs} == {stored_id}, runs
+    histories = [read_wandb_history(p / f"run-{stored_id}.wandb") for p in runs]
+    assert [[h["epoch"] for h in part] for part in histories] == [[0], [1, 2]]
+    rows = read_metrics(run_dir)
+    logged = [h for part in histories for h in part]
+    assert [h["epoch"] for h in logged] == [r["epoch"] for r in rows] == [0, 1, 2]
+    for h, r in zip(logged, rows, strict=True):
+        for key in WANDB_KEYS:
+            if r[key] is None:
+                assert key not in h, (key, h)
+            else:
+                assert h[key] == pytest.approx(r[key]), (key, h, r)

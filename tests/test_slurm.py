@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import submitit
+from limits import limit
 from slurm_cluster import SlurmCluster
 
 from cluster_pipeline import checkpoint
@@ -40,8 +41,8 @@ def slurm_args(nodes: int, tasks: int) -> list[str]:
 
 def submit(cluster: SlurmCluster, *args: str) -> str:
     """python -m launch.slurm ARGS; returns the job id it printed."""
-    res = subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=REPO,
-                         env=cluster.env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    res = subprocess.run([sys.executable, "-m", "launch.slurm", *args], cwd=REPO, env=cluster.env(),
+                         capture_output=True, text=True, timeout=limit(60))  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     return job_id_of(res.stdout)
 
@@ -85,7 +86,7 @@ def two_node_run(
         ["make", "-s", "launch", "CONFIG=configs/demo_mnist.yaml", "NODES=2", "GPUS_PER_NODE=0",
          "TASKS_PER_NODE=1", "CPUS_PER_TASK=1", "TIME=20", "PARTITION=debug",
          f"RUN_DIR={run_dir}", f"OVERRIDES={overrides}"],
-        cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=limit(120),
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     job = job_id_of(res.stdout)
@@ -135,7 +136,7 @@ def test_preemption_requeues_and_resumes(
     job = submit(slurm_cluster, "--config", "configs/demo_mnist.yaml",
                  f"data.shards={digits_shards}", f"run.dir={run_dir}", f"train.epochs={epochs}",
                  "train.stop_check_every=1", *DIGITS, *slurm_args(2, 1))  # fmt: skip
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + limit(180)
     while not ((run_dir / "metrics.jsonl").is_file() and rows_of(run_dir)):
         assert time.monotonic() < deadline, job_logs(run_dir, job)[-3000:]
         time.sleep(0.2)
@@ -182,7 +183,7 @@ def test_a_rank_that_raises_fails_the_job(
     job = submit(slurm_cluster, "--config", "configs/demo_mnist.yaml", f"data.shards={shards}",
                  f"run.dir={run_dir}", *DIGITS, *slurm_args(2, 1))  # fmt: skip
     assert wait_done(slurm_cluster, job, run_dir, timeout=180) == "FAILED"
-    assert time.monotonic() - start < 150
+    assert time.monotonic() - start < limit(150)
     logs = job_logs(run_dir, job)
     assert tar.name in logs, logs[-3000:]
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
