@@ -81,11 +81,16 @@ def exact_matmul(a: np.ndarray, b: np.ndarray | FixedColumns) -> np.ndarray:
     `b` may come rounded already (`FixedColumns`), for many blocks of rows against one matrix.
     """
     cols = b if isinstance(b, FixedColumns) else FixedColumns.of(b)
-    aq = np.array(a, dtype=np.float64)  # a copy: rounded in place
-    a_scale = power_of_two_scale(np.abs(aq).max(axis=1, initial=0.0), cols.row_bits)[:, None]
+    # Rounded in float32 when `a` is float32: a power-of-two scaling is exact there too, and the
+    # integers come out the same; the float64 copy is made once, of the integers.
+    aq: np.ndarray = np.array(a, dtype=np.float32 if a.dtype == np.float32 else np.float64)
+    top = np.maximum(aq.max(axis=1, initial=0.0), -aq.min(axis=1, initial=0.0))
+    # (capped for float32's range: a row below 2**-100 of its scale rounds to zeros anyway)
+    a_scale = np.minimum(power_of_two_scale(top, cols.row_bits), 2.0**100).astype(aq.dtype)
+    a_scale = a_scale[:, None]
     aq *= a_scale
     np.rint(aq, out=aq)
-    out = aq @ cols.values
+    out = aq.astype(np.float64) @ cols.values
     out /= a_scale  # powers of two: exact
     out /= cols.scale
     return out
@@ -107,17 +112,30 @@ class FixedColumns:
         return cls(np.rint(b64 * scale), scale, a_bits)
 
 
-def covariance(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+def covariance(x: np.ndarray, mean: np.ndarray, exact: bool = True) -> np.ndarray:
     """The (d, d) float64 covariance of the rows of `x` around `mean`.
 
-    GRAM_ROWS rows at a time: each block's Gram matrix is an `exact_matmul` and the blocks are
-    added in row order, so the result depends on the rows alone.
+    GRAM_ROWS rows at a time, each block's Gram matrix exact: the centred block's columns are
+    rounded to integers of half the bits `exact_bits` allows both operands, so q.T @ q (one
+    symmetric BLAS product) sums integers exactly. The blocks are added in row order, so the
+    result depends on the rows alone. `exact=False`: one float32 BLAS product (fast; its bits
+    depend on the BLAS, its threads and the rows' positions).
     """
+    if not exact:
+        centred = x - mean.astype(np.float32)
+        return (centred.T @ centred).astype(np.float64) / max(1, len(x) - 1)
     d = x.shape[1]
     gram = np.zeros((d, d), dtype=np.float64)
     for s in range(0, len(x), GRAM_ROWS):
-        centred = x[s : s + GRAM_ROWS].astype(np.float64) - mean
-        gram += exact_matmul(centred.T, centred)
+        q = x[s : s + GRAM_ROWS].astype(np.float64) - mean
+        bits = min(exact_bits(len(q)))
+        scale = power_of_two_scale(np.abs(q).max(axis=0, initial=0.0), bits)
+        q *= scale
+        np.rint(q, out=q)
+        block = q.T @ q
+        block /= scale[:, None]  # powers of two: exact
+        block /= scale[None, :]
+        gram += block
     return gram / max(1, len(x) - 1)
 
 
@@ -128,22 +146,34 @@ def covariance(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
 class PCA:
     mean: np.ndarray  # (d_in,) float32
     proj: np.ndarray  # (d_in, d_out) float32; columns scaled by 1/sqrt(eigenvalue) when whitening
+    # Fitted and applied with exact products (CPU clustering); False: float32 BLAS, for a
+    # clustering whose search runs on GPUs and is not bitwise anyway (5x faster on the CPU).
+    exact: bool = True
 
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """(x - mean) @ proj in float32, row by row exact (`exact_matmul`): a row gets the same
+        """(x - mean) @ proj in float32, exact row by row (`exact_matmul`): a row gets the same
         bits whichever array, rank or position it is projected in."""
         out = np.empty((len(x), self.proj.shape[1]), dtype=np.float32)
-        proj = FixedColumns.of(self.proj)
+        proj = FixedColumns.of(self.proj) if self.exact else self.proj
         step = block_rows(self.proj.shape[0])
         for s in range(0, len(x), step):
-            out[s : s + step] = exact_matmul(x[s : s + step] - self.mean, proj)
+            centred = x[s : s + step] - self.mean
+            out[s : s + step] = exact_matmul(centred, proj) if self.exact else centred @ proj
         return out
 
 
-def fit_pca(x: np.ndarray, dim: int, whiten: bool = True, eps: float = 1e-5, seed: int = 0) -> PCA:
+def fit_pca(
+    x: np.ndarray,
+    dim: int,
+    whiten: bool = True,
+    eps: float = 1e-5,
+    seed: int = 0,
+    exact: bool = True,
+) -> PCA:
     """Top-`dim` principal directions of `x`, optionally scaled to unit variance (whitening).
 
-    Above PCA_FIT_MAX_ROWS rows, a sample of rows chosen by `keep_fraction` is fitted.
+    Above PCA_FIT_MAX_ROWS rows, a sample of rows chosen by `keep_fraction` is fitted. `exact`
+    (see PCA.exact): an exact covariance, and LAPACK on one thread.
     """
     n, d = x.shape
     if not 0 < dim <= d:
@@ -153,14 +183,14 @@ def fit_pca(x: np.ndarray, dim: int, whiten: bool = True, eps: float = 1e-5, see
     import scipy.linalg  # here, not at import: a rank that never fits a PCA starts faster
 
     mean = x.mean(axis=0, dtype=np.float64)
-    cov = covariance(x, mean)
-    with threadpool_limits(1, user_api="blas"):  # LAPACK's rounding depends on its threads
+    cov = covariance(x, mean, exact)
+    with threadpool_limits(1 if exact else None, user_api="blas"):  # LAPACK's bits: threads
         evals, evecs = scipy.linalg.eigh(cov, subset_by_index=[d - dim, d - 1])
     top = np.argsort(evals, kind="stable")[::-1]  # descending variance
     proj = evecs[:, top]
     if whiten:
         proj = proj / np.sqrt(np.maximum(evals[top], 0.0) + eps)
-    return PCA(mean=mean.astype(np.float32), proj=proj.astype(np.float32))
+    return PCA(mean=mean.astype(np.float32), proj=proj.astype(np.float32), exact=exact)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -259,17 +289,19 @@ def num_gpus() -> int:
 
 class GpuSearch:
     """faiss's nearest-centroid search on one GPU (a rank's own, in sharded mode) or on every
-    GPU of the machine (`device=None`, rank 0 in gather mode). One device's resources are made
-    once and reused by every search of a clustering (each reserves scratch memory)."""
+    GPU of the machine (`device=None`, rank 0 in gather mode: the centroids on each, the points
+    split between them). The GPUs' resources are made once and reused by every search of a
+    clustering (each reserves scratch memory on its device)."""
 
     def __init__(self, device: int | None = None) -> None:
         self.device = device
-        self.resources = faiss.StandardGpuResources() if device is not None else None
+        count = 1 if device is not None else num_gpus()
+        self.resources = [faiss.StandardGpuResources() for _ in range(count)]
 
     def index(self, d: int) -> faiss.Index:
-        if self.device is None or self.resources is None:
-            return faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d))
-        return faiss.index_cpu_to_gpu(self.resources, self.device, faiss.IndexFlatL2(d))
+        if self.device is not None:
+            return faiss.index_cpu_to_gpu(self.resources[0], self.device, faiss.IndexFlatL2(d))
+        return faiss.index_cpu_to_gpu_multiple_py(self.resources, faiss.IndexFlatL2(d))
 
     def nearest(self, x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         index = self.index(centroids.shape[1])
@@ -281,14 +313,20 @@ class GpuSearch:
         return labels
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, gpu: GpuSearch | None = None) -> np.ndarray:
+def assign(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    gpu: GpuSearch | None = None,
+    x_norm: np.ndarray | None = None,
+) -> np.ndarray:
     """Index (int64) of every point's nearest centroid in L2, ties to the lowest index.
 
     On CPU the labels are exactly those of `exact_nearest` for every row, whatever faiss's
     kernels or thread count: faiss's float32 search gives each point its two nearest
     centroids, and where the gap between them exceeds a bound on faiss's rounding error plus
     the exact metric's, faiss's choice is the exact one; the few other rows are searched
-    exactly. With `gpu`, faiss's answer on the GPU(s), not promised bitwise.
+    exactly. With `gpu`, faiss's answer on the GPU(s), not promised bitwise. `x_norm`: the rows'
+    L2 norms (`row_norms`), when the same rows are assigned again and again (Lloyd).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -300,17 +338,26 @@ def assign(x: np.ndarray, centroids: np.ndarray, gpu: GpuSearch | None = None) -
         return labels
     index = faiss.IndexFlatL2(d)
     index.add(centroids)
-    c_norm = float(np.sqrt(np.square(centroids, dtype=np.float64).sum(axis=1).max()))
+    c_norm = float(row_norms(centroids).max())
     step = block_rows(d)
     for s in range(0, len(x), step):
         part = x[s : s + step]
         dist, ids = index.search(part, 2)
-        x_norm = np.sqrt(np.square(part, dtype=np.float64).sum(axis=1))
-        unsure = np.flatnonzero(~(dist[:, 1] - dist[:, 0] > search_margin(x_norm, c_norm, d)))
+        norms = row_norms(part) if x_norm is None else x_norm[s : s + step]
+        unsure = np.flatnonzero(~(dist[:, 1] - dist[:, 0] > search_margin(norms, c_norm, d)))
         labels[s : s + len(part)] = ids[:, 0]
         if len(unsure):
             labels[s + unsure] = exact_nearest(part[unsure], centroids)
     return labels
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of each row, float64."""
+    out = np.empty(len(x), dtype=np.float64)
+    step = block_rows(x.shape[1])
+    for s in range(0, len(x), step):
+        out[s : s + step] = np.sqrt(np.square(x[s : s + step], dtype=np.float64).sum(axis=1))
+    return out
 
 
 def search_margin(x_norm: np.ndarray, c_norm: float, d: int) -> np.ndarray:
@@ -579,7 +626,7 @@ class Holders(Protocol):
         ...
 
     def fit_pca(
-        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int
+        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
     ) -> PCA:
         """`fit_pca` of every holder's `rows` together, in order of `index`, fitted once; the
         PCA on every holder."""
@@ -597,9 +644,10 @@ class _Local:
         return np.asarray(values, dtype=np.int64)
 
     def fit_pca(
-        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int
+        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
     ) -> PCA:
-        return fit_pca(rows[np.argsort(index, kind="stable")], dim, whiten=whiten, seed=seed)
+        rows = rows[np.argsort(index, kind="stable")]
+        return fit_pca(rows, dim, whiten=whiten, seed=seed, exact=exact)
 
 
 LOCAL: Holders = _Local()
@@ -640,7 +688,10 @@ def cluster(
     n = int(holders.sum(np.array([len(index)], dtype=np.int64))[0])
     if k > n:
         raise ValueError(f"k={k} but only {n} samples were extracted; lower cluster.k")
-    pca = fit_pca_on_sample(holders, index, feats, n, pca_dim, whiten, seed) if pca_dim else None
+    exact = gpu is None  # on GPUs the search is not bitwise: plain float32 products there too
+    pca = None
+    if pca_dim:
+        pca = fit_pca_on_sample(holders, index, feats, n, pca_dim, whiten, seed, exact)
     x = project(feats, pca, l2)
     check_finite(holders, x, index)
     centroids = initial_centroids(holders, x, index, k, seed)
@@ -695,11 +746,12 @@ def fit_pca_on_sample(
     dim: int,
     whiten: bool,
     seed: int,
+    exact: bool = True,
 ) -> PCA:
     """PCA fitted once from about PCA_FIT_MAX_ROWS of the `num_rows` rows, each kept by its
     sample's key whichever holder has it. Below that many rows every row is kept."""
     keep = keep_fraction(index, PCA_FIT_MAX_ROWS / num_rows, seed, SALT_PCA)
-    return holders.fit_pca(index[keep], feats[keep], dim, whiten, seed)
+    return holders.fit_pca(index[keep], feats[keep], dim, whiten, seed, exact)
 
 
 def check_finite(holders: Holders, x: np.ndarray, index: np.ndarray) -> None:
@@ -747,8 +799,9 @@ def lloyd(
     k = len(centroids)
     labels: np.ndarray | None = None
     sums = counts = np.zeros(0, dtype=np.int64)
+    x_norm = row_norms(x) if gpu is None else None
     for it in range(niter):
-        new = assign(x, centroids, gpu)
+        new = assign(x, centroids, gpu, x_norm)
         if labels is None:
             sums, counts = fixed_point_sums(x, new, k, scale)
         else:

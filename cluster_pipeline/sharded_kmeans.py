@@ -53,7 +53,7 @@ class Ranks:
         return np.concatenate(dist.all_gather_int64(self.ctx, values))
 
     def fit_pca(
-        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int
+        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
     ) -> kmeans.PCA:
         """The rows sent to rank 0 (sorted by sample index there), fitted, and the PCA
         broadcast: no rank fits its own."""
@@ -61,13 +61,13 @@ class Ranks:
 
         def fit() -> kmeans.PCA:
             assert sample is not None
-            return kmeans.fit_pca(sample[1], dim, whiten=whiten, seed=seed)
+            return kmeans.fit_pca(sample[1], dim, whiten=whiten, seed=seed, exact=exact)
 
         fitted = dist.on_rank0(self.ctx, fit)
         d = rows.shape[1]
         mean = dist.broadcast_float32(self.ctx, None if fitted is None else fitted.mean, (d,))
         proj = dist.broadcast_float32(self.ctx, None if fitted is None else fitted.proj, (d, dim))
-        return kmeans.PCA(mean=mean, proj=proj)
+        return kmeans.PCA(mean=mean, proj=proj, exact=exact)
 
 
 def cluster_shard(

@@ -43,15 +43,15 @@ def test_gather_mode_searches_on_every_gpu_and_agrees_with_cpu(
 ) -> None:
     x = blobs()
     used: list[int] = []
-    real = faiss.index_cpu_to_all_gpus
+    real = faiss.index_cpu_to_gpu_multiple_py
 
-    def spy(index: faiss.Index, *args: object, **kw: object) -> faiss.Index:
-        used.append(index.d)
-        return real(index, *args, **kw)
+    def spy(resources: list, index: faiss.Index, *args: object, **kw: object) -> faiss.Index:
+        used.append(len(resources))
+        return real(resources, index, *args, **kw)
 
-    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", spy)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu_multiple_py", spy)
     on_gpu = kmeans.cluster_features(x, 50, pca_dim=0, l2=False, niter=10, use_gpu=True)
-    assert used and set(used) == {64}  # rank 0 searches on all of its node's GPUs
+    assert set(used) == {kmeans.num_gpus()}  # rank 0 searches on all of its node's GPUs
     on_cpu = kmeans.cluster_features(x, 50, pca_dim=0, l2=False, niter=10, use_gpu=False)
     assert len(used) == 11  # 10 Lloyd iterations and the final assignment; none on CPU
     # Same start, same sums: only the GPU's rounding of near-ties can differ.

@@ -100,6 +100,18 @@ def test_pca_matches_numpy_svd_subspace_for_low_rank_gaussian():
         assert cos > 0.999
 
 
+def test_float32_pca_of_the_gpu_path_agrees_with_the_exact_one():
+    """cluster() fits and applies its PCA with float32 BLAS when the search runs on GPUs
+    (PCA.exact=False): the same projection up to float32 rounding (and each axis's sign)."""
+    x = low_rank_gaussian(3000, 20, rank=3, seed=3)
+    exact, fast = fit_pca(x, 3), fit_pca(x, 3, exact=False)
+    assert exact.exact and not fast.exact
+    a, b = exact.apply(x), fast.apply(x)
+    signs = np.sign((a * b).sum(axis=0))
+    np.testing.assert_allclose(b * signs, a, rtol=0, atol=1e-5 * np.abs(a).max())
+    assert not np.array_equal(b * signs, a)  # really another computation
+
+
 def test_pca_fit_on_row_subsample_still_finds_subspace(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(km, "PCA_FIT_MAX_ROWS", 500)
     x = low_rank_gaussian(3000, 12, rank=2, seed=4)
