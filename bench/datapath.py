@@ -45,9 +45,9 @@ from cluster_pipeline.data.reader import (
     BatchLoader,
     SampleReader,
     ShardIndex,
-    _resize_square,
     batch_loader,
 )
+from cluster_pipeline.data.decode import resize_square as _resize_square
 from cluster_pipeline.data.shards import Source, write_shards
 
 SECTION = "## Data path (shard reader vs plain PIL decode)"

@@ -2,40 +2,36 @@
 training.
 
 Both paths read through the offsets in samples.npy with one `pread` per sample (tar header +
-image bytes), check the tar header names the expected sample's image, and decode into
-fixed-size uint8 arrays: RGB JPEGs with libjpeg-turbo (simplejpeg) straight into the batch,
-anything else, and any JPEG libjpeg complains about, with PIL. Workers build whole batches in
-shared memory, so the main process receives one buffer per batch. A sample that cannot be read
-is a SampleError; with `skip_errors` a batch leaves it out and reports it, so one bad image costs
-one sample, not the batch or the run.
+image bytes), check the tar header names the expected sample's image, and decode it strictly
+(`decode.decode_into`: damage is an error, never pixels) into fixed-size uint8 arrays. Workers
+build whole batches in shared memory, so the main process receives one buffer per batch. A
+sample that cannot be read is a SampleError naming the shard, the key and the original file;
+with `skip_errors` a batch leaves it out and reports it, so one bad image costs one sample, not
+the batch or the run.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import simplejpeg
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..kmeans import SALT_SPLIT, sample_keys
+from .decode import IMAGE_EXTS, DecodeError, decode_into
 from .shards import (
     FINGERPRINT_BYTES,
     FORMAT,
-    IMAGE_EXTS,
     INDEX_FILE,
     SAMPLES_FILE,
     shard_fingerprint,
@@ -44,10 +40,6 @@ from .shards import (
 log = logging.getLogger(__name__)
 
 TAR_HEADER = 512
-JPEG_MAGIC = b"\xff\xd8"
-# JPEG colour spaces that libjpeg turns into the RGB that PIL's convert("RGB") gives (CMYK and
-# YCCK differ: PIL inverts Adobe CMYK itself), checked pixel for pixel in tests/test_data.py.
-LIBJPEG_AS_PIL = ("YCbCr", "Gray", "RGB")
 
 
 class ShardError(RuntimeError):
@@ -59,13 +51,38 @@ class SampleError(ShardError):
     does not decode. data.on_error=skip leaves such samples out; fail stops the run."""
 
 
-def _sample_error(shard: Path, i: int, reason: str) -> SampleError:
-    return SampleError(f"shard {shard}: sample {i:09d}: {reason}")
+@dataclass
+class SampleNames:
+    """Per-sample names kept beside samples.npy, each read when first asked for (mmap): the
+    member name of each sample's image in its shard (shards indexed by `cluster-pipeline
+    index`, whose keys are the users' own) and the original file it was made from (make-shards
+    from an image folder). At ImageNet scale that is 1.28M names, so they are never copied into
+    every rank and worker: only an error message or the header check reads one.
+    """
 
+    root: Path
+    members_file: str | None = None
+    sources_file: str | None = None
+    _open: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
-def _no_address(exc: BaseException) -> str:
-    """PIL's message without the object address ("<_io.BytesIO object at 0x7f...>")."""
-    return re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)) or type(exc).__name__
+    def member(self, sample_id: int) -> str | None:
+        """The image member's name in the tar; None: `%09d` of the sample id + an extension."""
+        return self._name(self.members_file, sample_id)
+
+    def source(self, sample_id: int) -> str | None:
+        """The file the sample was made from, relative to the tree make-shards read."""
+        return self._name(self.sources_file, sample_id)
+
+    def _name(self, file: str | None, sample_id: int) -> str | None:
+        if file is None:
+            return None
+        if file not in self._open:
+            self._open[file] = np.load(self.root / file, mmap_mode="r")
+        return bytes(self._open[file][sample_id]).decode("utf-8", errors="replace")
+
+    def __getstate__(self) -> dict:
+        """Workers map the files themselves: a mapped array would travel as a full copy."""
+        return {**self.__dict__, "_open": {}}
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,14 @@ class ShardIndex:
     # (`split`) keeps some rows, renumbered 0..n-1 for everything downstream.
     ids: np.ndarray | None = None
     split_name: str = "all"
+    names: SampleNames | None = None
+
+    def describe(self, sample_id: int) -> str:
+        """'sample <key> (<original file>)': how errors and skips name a sample."""
+        member = self.names.member(sample_id) if self.names else None
+        key = f"{sample_id:09d}" if member is None else f"{member!r}"
+        source = self.names.source(sample_id) if self.names else None
+        return f"sample {key}" + (f" ({source})" if source else "")
 
     @property
     def num_samples(self) -> int:
@@ -145,7 +170,9 @@ class ShardIndex:
                 "; ".join(problems) + f". The shards in {root} no longer match their index: "
                 "restore them, or re-run `cluster-pipeline make-shards` to rewrite shards and index"
             )
-        return cls(root, names, counts, sizes, samples, list(meta.get("classes", [])))
+        files = SampleNames(root, meta.get("members_file"), meta.get("sources_file"))
+        classes = list(meta.get("classes", []))
+        return cls(root, names, counts, sizes, samples, classes, names=files)
 
 
 def split_ids(num_samples: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,18 +227,6 @@ def _check_shard(
     return None
 
 
-def _resize_square(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size`, then center crop to size x size."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
 class SampleReader:
     """Reads and decodes samples by index; one per DataLoader worker (file handles are per
     process)."""
@@ -256,56 +271,30 @@ class SampleReader:
         """
         shard, offset, size, _ = (int(v) for v in self.index.samples[i])
         i = self.index.sample_id(i)  # its key in the shard (differs from the row in a split)
-        raw = os.pread(self._fd(shard), TAR_HEADER + size, offset - TAR_HEADER)
+        fd = self._fd(shard)
+        raw = os.pread(fd, TAR_HEADER + size, offset - TAR_HEADER)
         if len(raw) != TAR_HEADER + size:
-            raise _sample_error(
-                self._path(shard), i, f"truncated: the file ends at byte "
-                f"{offset - TAR_HEADER + len(raw)}, before this sample's image ends at byte "
-                f"{offset + size}"
+            raise self._error(
+                shard, i, f"truncated: the file ends at byte {os.fstat(fd).st_size}, before "
+                f"this sample's image ends at byte {offset + size}"
             )  # fmt: skip
         member = raw[:100].split(b"\0", 1)[0].decode(errors="replace")
-        key, _, ext = member.partition(".")
-        if key != f"{i:09d}":
+        expected = self.index.names.member(i) if self.index.names else None
+        if not _names_member(member, i, expected):
             raise ShardError(
-                f"shard {self._path(shard)}: expected sample {i:09d} at byte {offset}, found "
-                f"{member!r}; the shard changed since its index was written: re-run make-shards"
+                f"shard {self._path(shard)}: expected {self.index.describe(i)} at byte {offset}, "
+                f"found {member!r}; the shard changed since its index was written: index or "
+                "write the shards again"
             )
-        if f".{ext.lower()}" not in IMAGE_EXTS:
-            raise _sample_error(
-                self._path(shard), i, f"no image member ({member!r} where its image was)"
-            )
-        body = memoryview(raw)[TAR_HEADER:]
-        if self.mode == "RGB" and body[:2] == JPEG_MAGIC and self._jpeg_into(body, out):
-            return
+        if not member.lower().endswith(IMAGE_EXTS):
+            raise self._error(shard, i, f"no image member ({member!r} where its image was)")
         try:
-            with Image.open(io.BytesIO(body)) as im:
-                # convert() to the mode an image already has is a full copy (~5% of reading)
-                img = im if im.mode == self.mode else im.convert(self.mode)
-                arr = np.asarray(_resize_square(img, self.load_size), dtype=np.uint8)
-        except Exception as exc:
-            reason = f"image does not decode ({_no_address(exc)})"
-            raise _sample_error(self._path(shard), i, reason) from exc
-        out[...] = arr.reshape(out.shape)
+            decode_into(memoryview(raw)[TAR_HEADER:], self.mode, self.load_size, out)
+        except DecodeError as exc:
+            raise self._error(shard, i, str(exc)) from None
 
-    def _jpeg_into(self, body: memoryview, out: np.ndarray) -> bool:
-        """An RGB JPEG decoded by libjpeg-turbo (simplejpeg) into `out`; False when libjpeg
-        reports any problem, even one it could recover from, so that PIL decodes the sample
-        again and names what is wrong. Pixels equal PIL's (the same library, the same slow
-        integer IDCT and fancy upsampling), and a load_size square JPEG is written straight into
-        the batch: no PIL image and no copies, ~1.5x faster than `Image.open` + `np.asarray`.
-        """
-        try:
-            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(body)
-            if colorspace not in LIBJPEG_AS_PIL:
-                return False
-            if (w, h) == (self.load_size, self.load_size):
-                simplejpeg.decode_jpeg(body, colorspace="RGB", buffer=out)
-                return True
-            arr = simplejpeg.decode_jpeg(body, colorspace="RGB")
-        except ValueError:
-            return False
-        out[...] = np.asarray(_resize_square(Image.fromarray(arr), self.load_size))
-        return True
+    def _error(self, shard: int, sample_id: int, reason: str) -> SampleError:
+        return SampleError(f"shard {self._path(shard)}: {self.index.describe(sample_id)}: {reason}")
 
     def _path(self, shard: int) -> Path:
         """For messages only: a path join per sample slowed reading MNIST-5k by ~5%."""
@@ -343,6 +332,15 @@ class SampleReader:
         keep = np.ones(len(indices), dtype=bool)
         keep[bad] = False
         return indices[keep], out[keep], indices[~keep], reasons
+
+
+def _names_member(header_name: str, sample_id: int, expected: str | None) -> bool:
+    """Whether a tar header's name field is that of the sample's image member. A name longer
+    than the field's 100 bytes is cut there (GNU and pax headers carry it whole elsewhere), and
+    a ustar header keeps the directory part in its prefix field."""
+    if expected is None:
+        return header_name.partition(".")[0] == f"{sample_id:09d}"
+    return bool(header_name) and (expected.startswith(header_name) or expected.endswith(header_name))
 
 
 class Batch(NamedTuple):

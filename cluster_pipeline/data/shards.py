@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 SAMPLES_FILE = "samples.npy"
 FORMAT = "cluster_pipeline.shards/1"
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+from .decode import IMAGE_EXTS
 # A shard's fingerprint hashes this many bytes at each end: two small reads per shard at startup.
 FINGERPRINT_BYTES = 64 << 10
 
