@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-datapath bench-gather \
+.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-datapath bench-verify bench-gather \
 	bench-epoch bench-quality bench-specialists bench-activations launch clean
 
 venv: $(STAMP)
@@ -66,7 +66,7 @@ format: $(STAMP)
 
 # Benchmarks are not tests: each prints ratios measured side by side in one run and replaces its
 # own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
-bench: bench-clustering bench-datapath bench-gather bench-epoch bench-quality bench-specialists \
+bench: bench-clustering bench-datapath bench-verify bench-gather bench-epoch bench-quality bench-specialists \
 	bench-activations
 
 # kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min), and
@@ -78,6 +78,11 @@ bench-clustering: $(STAMP)
 # Shard reader vs a plain PIL decode loop on synthetic JPEGs, workers 0 and nproc (about 2 min).
 bench-datapath: $(STAMP)
 	$(PY) -m bench.datapath
+
+# make-shards --verify vs --no-verify on 10k ImageNet-size JPEGs in class folders, 2 workers:
+# images/s of each and their ratio (about 2 min on 2 cores, half of it writing the tree).
+bench-verify: $(STAMP)
+	$(PY) -m bench.verify
 
 # gather_features on 2 gloo ranks: rank 0's peak memory and time per GB (under a minute).
 bench-gather: $(STAMP)

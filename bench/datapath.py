@@ -40,6 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from bench.common import provenance, publish, table
+from cluster_pipeline.data.decode import resize_square as _resize_square
 from cluster_pipeline.data.reader import (
     Batch,
     BatchLoader,
@@ -47,7 +48,6 @@ from cluster_pipeline.data.reader import (
     ShardIndex,
     batch_loader,
 )
-from cluster_pipeline.data.decode import resize_square as _resize_square
 from cluster_pipeline.data.shards import Source, write_shards
 
 SECTION = "## Data path (shard reader vs plain PIL decode)"

@@ -1,4 +1,4 @@
-"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, extract, train,
+"""`cluster-pipeline` (or `python -m cluster_pipeline`): make-shards, index, extract, train,
 train-supervised, pretrain-rotnet, clusterfit, evaluate, specialists, activations."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from .activations import comparison_table, run_activations
 from .checkpoint import CheckpointError
 from .clusterfit import clusterfit_config, run_clusterfit
 from .config import Config, ConfigError, load_config, validate_config
+from .data.index_shards import CLASS_FROM, index_shards
 from .data.reader import ShardError
-from .data.shards import load_source, write_shards
+from .data.shards import SourceError, load_source, tree_summary, write_shards
 from .evaluate import format_table, run_evaluate
 from .extract import run_extract
 from .fixed_targets import run_supervised
@@ -33,10 +34,16 @@ EXIT_STOPPED = 75
 
 
 def cmd_make_shards(args: argparse.Namespace) -> None:
-    index = write_shards(
-        load_source(args.source), args.out, args.samples_per_shard, workers=args.workers
-    )
+    source = load_source(args.source, verify=args.verify, workers=args.workers)
+    index = write_shards(source, args.out, args.samples_per_shard, workers=args.workers)
+    if source.files is not None:  # an image folder: what became of each of its files
+        print(f"make-shards: {tree_summary(source, args.out, len(index['shards']))}")
+        return
     print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shards to {args.out}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    print(index_shards(args.shards, args.out, args.class_from).summary)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -145,8 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="mnist5k, digits or imagefolder:PATH")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes verifying files and writing shards in parallel")  # fmt: skip
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="imagefolder: decode every image once before writing, so damaged files "
+                   "are left out (with their reason in manifest.jsonl) instead of failing in "
+                   "training; --no-verify checks only size and magic bytes")  # fmt: skip
     p.set_defaults(func=cmd_make_shards)
+
+    p = sub.add_parser(
+        "index", help="index existing webdataset shards in place (one pass over their headers)"
+    )
+    p.add_argument("shards", metavar="PATTERN|DIR",
+                   help="shards to index: a brace pattern (data/train-{000000..001281}.tar), a "
+                   "glob, or a directory of *.tar")  # fmt: skip
+    p.add_argument("--out", help="directory for the index (default: the shards' directory)")
+    p.add_argument("--class-from", default="auto", metavar="|".join(CLASS_FROM),
+                   help="auto: .cls members when present; cls: required; json:FIELD; "
+                   "key-prefix: the key's part before '_' (ImageNet synsets); none")  # fmt: skip
+    p.set_defaults(func=cmd_index)
 
     for name, func, text in (
         ("extract", cmd_extract, "extract features of every sample exactly once"),
@@ -238,11 +262,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A launcher's directory where each rank leaves its exit status (launch.local): torchrun itself
+# exits 1 whatever its ranks' statuses were.
+EXIT_DIR_ENV = "CLUSTER_PIPELINE_EXIT_DIR"
+
+
 def main(argv: list[str] | None = None) -> int:
+    status = 1
+    try:
+        status = run_command(argv)
+    finally:
+        record_exit_status(status)
+    return status
+
+
+def record_exit_status(status: int) -> None:
+    """This rank's exit status as `rank<RANK>` in $CLUSTER_PIPELINE_EXIT_DIR, when set."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        path = Path(folder) / f"rank{os.environ.get('RANK', '0')}"
+        path.write_text(str(status))
+
+
+def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, ShardError, FileNotFoundError) as exc:
+    except (ConfigError, ShardError, SourceError, FileNotFoundError) as exc:
+        if logging.getLogger().handlers:  # the rank's log ends with what went wrong, too
+            log.error("%s", exc)
         print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Stopped as stop:
@@ -254,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, dist.RankFailedError) as exc:  # a full disk, or another rank's error
         log.error("%s", exc)
         print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return dist.exit_status_of(exc)
     except BaseException:
         if logging.getLogger().handlers:  # the run's logs/rank<N>.log: keep the traceback there
             log.exception("cluster-pipeline %s failed", args.command)

@@ -24,6 +24,8 @@ POOL_RULE = re.compile(r"^(avg|max|grid:[1-9]\d*|dims:[1-9]\d*)$")
 class ConfigError(ValueError):
     """A configuration the user must fix; the message names the key and what would work."""
 
+    exit_status = 2  # bad input, on every rank (dist.exit_status_of)
+
 
 @dataclass
 class DataConfig:

@@ -58,7 +58,25 @@ class RankLostError(RuntimeError):
 
 
 class RankFailedError(RuntimeError):
-    """Another rank raised an error; the message repeats it or says where to read it."""
+    """Another rank raised an error; the message names that rank and repeats its error.
+
+    `exit_status` is the failing rank's own (2 for bad input: a damaged sample, a bad config
+    key), so every rank of a run ends with the status of its cause.
+    """
+
+    def __init__(self, message: str, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def exit_status_of(exc: BaseException) -> int:
+    """The process exit status an error stands for: its `exit_status` (ConfigError and
+    ShardError: 2, bad input), else 1."""
+    return int(getattr(exc, "exit_status", 1))
+
+
+def error_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -182,6 +200,8 @@ class Heartbeat:
         self.store_host = "torchrun's agent" if agent else "rank 0"
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.keys = [f"cluster_pipeline/heartbeat/{attempt}/{r}" for r in range(world)]
+        # "<exit status> <first line of the error>" of a rank that left on an error
+        self.error_keys = [f"cluster_pipeline/error/{attempt}/{r}" for r in range(world)]
         self._store = tdist.TCPStore(host, port, is_master=False, wait_for_workers=False,
                                      timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
         self._main = threading.get_ident()
@@ -207,8 +227,10 @@ class Heartbeat:
         self._thread.start()
         atexit.register(self.stop, failed=True)  # a rank leaving on an error says so
 
-    def stop(self, failed: bool = False) -> None:
-        """Stop beating and tell the other ranks that this one left, normally or on an error."""
+    def stop(self, failed: bool = False, error: BaseException | None = None) -> None:
+        """Stop beating and tell the other ranks that this one left, normally or on an error;
+        the error itself (status and first line) first, so that a rank that sees this one
+        failed can repeat what went wrong rather than only who."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -217,7 +239,10 @@ class Heartbeat:
             self._thread.join(timeout=2 * self.interval_s)
         if tdist.is_initialized() and self._store_down_since is None:
             with contextlib.suppress(Exception):
-                self._store.set(self.keys[self.rank], str(_FAILED if failed else _LEFT))
+                if error is not None and not isinstance(error, RankFailedError):
+                    text = f"{exit_status_of(error)} {error_line(error)}"
+                    self._store.set(self.error_keys[self.rank], text)
+                self._store.set(self.keys[self.rank], str(_FAILED if failed or error else _LEFT))
 
     def _run(self) -> None:
         beat, last = 1, time.monotonic()
@@ -244,7 +269,7 @@ class Heartbeat:
                         self._beats[r], self._moved[r] = count, now
             verdict = self._verdict(now)
             if verdict is not None:
-                self._exit(verdict)
+                self._exit(*verdict)
 
     def _store_failed(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -262,7 +287,7 @@ class Heartbeat:
                 self._store_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             return now - self._store_down_since
 
-    def _verdict(self, now: float) -> str | None:
+    def _verdict(self, now: float) -> tuple[str, int] | None:
         """Why this rank must stop: a peer silent for timeout_s, or one that left on an error
         timeout_s ago while this rank is still in the run."""
         with self._lock:
@@ -270,10 +295,12 @@ class Heartbeat:
         peers = [r for r in range(self.world) if r != self.rank]
         silent = [r for r in peers if beats[r] >= 0 and now - moved[r] > self.timeout_s]
         if silent:
-            return self._lost(silent, now - max(moved[r] for r in silent), self._where_main())
+            lost = self._lost(silent, now - max(moved[r] for r in silent), self._where_main())
+            return lost, EXIT_RANK_LOST
         failed = [r for r in peers if beats[r] == _FAILED and now - moved[r] > self.timeout_s]
         if failed:
-            return self._failed(failed, self._where_main())
+            error = self._failed(failed, self._where_main())
+            return str(error), error.exit_status
         return None
 
     def explain(self, exc: BaseException) -> RuntimeError | None:
@@ -300,14 +327,14 @@ class Heartbeat:
                 beats, moved, down = list(self._beats), list(self._moved), self._store_down_since
             if down is not None:  # its host is gone; it may have said that it failed first
                 if beats[0] == _FAILED:
-                    return RankFailedError(self._failed([0], where))
+                    return self._failed([0], where)
                 return RankLostError(self._store_lost(now, where))
             failed = [r for r in peers if _FAILED in (before[r], beats[r])]
             silent = [r for r in peers if min(before[r], beats[r]) >= 0 and beats[r] <= before[r]]
             if silent and now > deadline:
                 return RankLostError(self._lost(silent, now - max(moved[r] for r in silent), where))
             if not silent:
-                return RankFailedError(self._failed(failed, where)) if failed else None
+                return self._failed(failed, where) if failed else None
             time.sleep(0.05)
 
     def _lost(self, ranks: list[int], silent_s: float, where: str) -> str:
@@ -332,9 +359,17 @@ class Heartbeat:
             f"rank {self.rank} was in {where}"
         )
 
-    def _failed(self, ranks: list[int], where: str) -> str:
+    def _failed(self, ranks: list[int], where: str) -> RankFailedError:
+        """The error of the first of `ranks` that said what it was, else where to read it."""
+        for r in ranks:
+            with contextlib.suppress(Exception):
+                if self._store.check([self.error_keys[r]]):
+                    status, _, line = self._store.get(self.error_keys[r]).decode().partition(" ")
+                    return RankFailedError(f"rank {r} failed: {line}", int(status))
         logs = ", ".join(f"logs/rank{r}.log" for r in ranks[:4])
-        return f"rank(s) {ranks} stopped on an error (see {logs}); rank {self.rank} was in {where}"
+        return RankFailedError(
+            f"rank(s) {ranks} stopped on an error (see {logs}); rank {self.rank} was in {where}"
+        )
 
     def _where_main(self) -> str:
         frame = sys._current_frames().get(self._main)
@@ -344,7 +379,7 @@ class Heartbeat:
             frame = frame.f_back
         return _where(stack[::-1])
 
-    def _exit(self, message: str) -> None:
+    def _exit(self, message: str, status: int = EXIT_RANK_LOST) -> None:
         """Log why, flush, and end the process: the main thread may be stuck in C++."""
         log.critical("%s", message)
         if self.rank != 0 and logging.getLogger().handlers:  # rank 0 logs to stdout already
@@ -354,7 +389,7 @@ class Heartbeat:
                 handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_RANK_LOST)
+        os._exit(status)
 
 
 def _frames_of(tb: TracebackType | None) -> list[FrameType]:
@@ -386,25 +421,25 @@ def naming_lost_ranks(ctx: DistContext) -> Iterator[None]:
     """Raise a collective's failure caused by a rank that is gone as an error that names it.
 
     gloo raises "Connection closed by peer" at once when a rank dies; the heartbeats tell which
-    rank stopped beating (RankLostError) or left on an error of its own (RankFailedError).
-    Leaving on any error marks this rank as failed in the store for the others.
+    rank stopped beating (RankLostError) or left on an error of its own (RankFailedError, with
+    that error's first line and exit status). Leaving on any error marks this rank as failed in
+    the store for the others, with its error. An error of this rank's own making (a bad sample,
+    a full disk: one that says its `exit_status`) is this rank's, whatever the others did, and
+    goes on as it is: only a collective's failure is explained by the others' state.
     """
     try:
         yield
-    except RuntimeError as exc:
+    except BaseException as exc:
         better = None
-        if ctx.heartbeat is not None and not isinstance(exc, (RankLostError, RankFailedError)):
+        own = hasattr(exc, "exit_status") or not isinstance(exc, RuntimeError)
+        if ctx.heartbeat is not None and not own and not isinstance(exc, RankLostError):
             better = ctx.heartbeat.explain(exc)
         if ctx.heartbeat is not None:
-            ctx.heartbeat.stop(failed=True)
+            ctx.heartbeat.stop(failed=True, error=exc if better is None else better)
         if better is None:
             raise
         log.error("%s", better)
         raise better from exc
-    except BaseException:
-        if ctx.heartbeat is not None:
-            ctx.heartbeat.stop(failed=True)
-        raise
 
 
 def _comm_device(ctx: DistContext) -> torch.device:
@@ -431,14 +466,20 @@ def all_gather_counts(ctx: DistContext, count: int) -> list[int]:
 def raise_if_any_rank_failed(ctx: DistContext, error: BaseException | None) -> None:
     """Turn one rank's failure into an error on every rank instead of a hang in the next collective.
 
-    The failing rank re-raises its own exception; the others raise an error naming it.
-    Collective: call on every rank.
+    The failing rank re-raises its own exception; the others raise a RankFailedError that names
+    it and repeats its error's first line, with its exit status: a damaged sample on rank 1 ends
+    rank 0 with status 2 and the sample's name too. Collective: call on every rank.
     """
-    failed = [r for r, bad in enumerate(all_gather_counts(ctx, int(error is not None))) if bad]
+    status = 0 if error is None else max(1, exit_status_of(error))
+    statuses = all_gather_counts(ctx, status)
+    failed = [r for r, s in enumerate(statuses) if s]
+    if not failed:
+        return
+    first = failed[0]
+    line = broadcast_string(ctx, error_line(error) if error is not None else "", src=first)
     if error is not None:
         raise error
-    if failed:
-        raise RankFailedError(f"rank(s) {failed} failed; see their logs (logs/rank<N>.log)")
+    raise RankFailedError(f"rank {first} failed: {line}", statuses[first])
 
 
 def on_rank0(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T | None:
@@ -458,12 +499,12 @@ def on_rank0(ctx: DistContext, fn: Callable[..., T], *args: Any) -> T | None:
         return result
     outcome: str | None = None
     if ctx.is_main:
-        outcome = "ok" if error is None else f"failed: {str(error) or type(error).__name__}"
-    outcome = broadcast_string(ctx, outcome)
+        outcome = "0 ok" if error is None else f"{exit_status_of(error)} {error}"
+    status, _, text = broadcast_string(ctx, outcome).partition(" ")
     if error is not None:
         raise error
-    if outcome != "ok":
-        raise RankFailedError(f"rank 0 {outcome}")
+    if status != "0":
+        raise RankFailedError(f"rank 0 failed: {text or 'error'}", int(status))
     return result
 
 
@@ -710,19 +751,20 @@ def broadcast_labels(ctx: DistContext, labels: np.ndarray | None, num_samples: i
     return t.cpu().numpy()
 
 
-def broadcast_string(ctx: DistContext, text: str | None) -> str:
-    """Rank 0's string on every rank (e.g. the run directory). Collective: call on every rank."""
+def broadcast_string(ctx: DistContext, text: str | None, src: int = 0) -> str:
+    """Rank `src`'s string on every rank (e.g. the run directory). Collective: call on every
+    rank."""
     if not ctx.distributed:
         assert text is not None
         return text
     dev = _comm_device(ctx)
     data = (text or "").encode()
     n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-    tdist.broadcast(n, src=0)
+    tdist.broadcast(n, src=src)
     buf = torch.empty(int(n.item()), dtype=torch.uint8, device=dev)
-    if ctx.is_main:
+    if ctx.rank == src:
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    tdist.broadcast(buf, src=0)
+    tdist.broadcast(buf, src=src)
     return bytes(buf.cpu().numpy()).decode()
 
 

@@ -23,6 +23,8 @@ LOCAL_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 class Stopped(Exception):
     """The run wrote a checkpoint and stopped on a signal; running it again continues it."""
 
+    exit_status = 75  # EX_TEMPFAIL, as cli.EXIT_STOPPED (dist.exit_status_of)
+
     def __init__(self, signum: int, checkpoint: str, requeued: bool = False) -> None:
         self.signum, self.checkpoint, self.requeued = signum, checkpoint, requeued
         name = signal.Signals(signum).name if signum else "request"

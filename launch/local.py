@@ -9,6 +9,11 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+from cluster_pipeline.cli import EXIT_DIR_ENV
+from cluster_pipeline.dist import EXIT_RANK_LOST
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +32,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={args.nproc}", "-m", "cluster_pipeline", *args.command,
     ]  # fmt: skip
-    return subprocess.call(cmd, env=env)
+    with tempfile.TemporaryDirectory(prefix="cluster-pipeline-exit-") as exits:
+        env[EXIT_DIR_ENV] = exits
+        return ranks_exit_status(subprocess.call(cmd, env=env), Path(exits))
+
+
+def ranks_exit_status(torchrun_status: int, exits: Path) -> int:
+    """The ranks' own exit status, which torchrun turns into 1: that of the cause (the first
+    rank, in rank order, that did not exit EXIT_RANK_LOST because another was gone), e.g. 2 for
+    a damaged sample, 75 for a stop; torchrun's when no rank left one (killed, or os._exit)."""
+    if torchrun_status == 0:
+        return 0
+    found = sorted((int(f.name[4:]), int(f.read_text())) for f in exits.glob("rank*"))
+    statuses = [s for _, s in found if s != 0]
+    causes = [s for s in statuses if s != EXIT_RANK_LOST] or statuses
+    return causes[0] if causes else torchrun_status
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def test_jpegs_read_as_pil_decodes_them_and_bad_ones_fail_naming_the_sample(tmp_
             np.testing.assert_array_equal(reader.read(i), want, err_msg=f"image {i}")
         batch = reader.read_batch(np.arange(n - 1))
         np.testing.assert_array_equal(batch[0], reader.read(0))
-        with pytest.raises(ShardError, match=r"sample 000000007: damaged JPEG: libjpeg says .Premature end of JPEG file"):
+        premature = r"sample 000000007: damaged JPEG: libjpeg says .Premature end of JPEG file"
+        with pytest.raises(ShardError, match=premature):
             reader.read(n - 1)
     finally:
         reader.close()

@@ -199,13 +199,16 @@ def test_skip_mode_labels_bad_samples_minus_one(skip_run: Path, corrupt_shards: 
         assert row["nmi_gt"] == pytest.approx(want, abs=1e-12)
 
 
-def test_skip_mode_logs_shard_key_and_reason_on_the_reading_rank(skip_run: Path) -> None:
+def test_skip_mode_logs_shard_key_and_reason_on_the_reading_rank(
+    skip_run: Path, corrupt_shards: Path
+) -> None:
     rank0 = (skip_run / "logs" / "rank0.log").read_text()
     rank1 = (skip_run / "logs" / "rank1.log").read_text()
     assert "shard-000000.tar: sample 000000250: image does not decode" in rank0
     assert "shard-000002.tar: sample 000001234: no image member" in rank1
-    for i in TRUNCATED:
-        assert f"shard-000003.tar: sample {i:09d}: truncated" in rank1
+    cut = (corrupt_shards / "shard-000003.tar").stat().st_size
+    for i in TRUNCATED:  # each names the real end of the file, not where its sample was
+        assert f"shard-000003.tar: sample {i:09d}: truncated: the file ends at byte {cut}," in rank1
     assert "sample 000000250" not in rank1 and "sample 000001234" not in rank0
     # Rank 0 sums up the epoch, first keys included.
     assert "9 of 1797 samples could not be read and are left out (first: 000000250 000001234 " \
@@ -214,6 +217,69 @@ def test_skip_mode_logs_shard_key_and_reason_on_the_reading_rank(skip_run: Path)
     # have raised. Each epoch's extraction (2 epochs) logs each bad sample once, nothing more.
     assert rank0.count("sample 000000250: image") == 2
     assert rank1.count("sample 000001234: no image") == 2
+
+
+# ------------------------------------------------- fail mode on two ranks: who is to blame
+
+
+@pytest.fixture(scope="module")
+def tree_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    """The digits as an image folder (class folders of PNG files) written by make-shards, one
+    sample garbled in the middle of shard 1: (shards, bad sample, its original file)."""
+    from cluster_pipeline.data.shards import digits_source
+
+    base = tmp_path_factory.mktemp("tree")
+    source = digits_source()
+    for i, (image, label) in enumerate(zip(source.images, source.labels, strict=True)):
+        folder = base / "tree" / f"digit {label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img_{i:04d}.png").write_bytes(image)
+    shards = base / "shards"
+    assert cli.main(["make-shards", "--source", f"imagefolder:{base / 'tree'}", "--out",
+                     str(shards), "--samples-per-shard", "1000"]) == 0  # fmt: skip
+    bad = 1500  # rank 1 extracts 898..1796
+    garble(shards, bad)
+    original = ShardIndex.load(shards).names.source(bad)
+    assert original and original.startswith("digit ") and original.endswith(".png"), original
+    return shards, bad, original
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train", "train-supervised"])
+def test_fail_mode_on_two_ranks_blames_the_rank_that_read_the_sample(
+    command: str, tree_shards: tuple[Path, int, str], tmp_path: Path
+) -> None:
+    """data.on_error=fail, a damaged sample on 2 ranks: in extraction (train: rank 1 reads it)
+    and in training (train-supervised: whichever rank draws it). The rank that read it ends on
+    its SampleError, the other on "rank R failed: <that error>", every rank and the launcher
+    exit 2, and both name the shard, the sample and the original file."""
+    shards, bad, original = tree_shards
+    run_dir = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--nproc", "2", command, "--config", CONFIG,
+         f"data.shards={shards}", f"run.dir={run_dir}", "wandb.mode=disabled"],
+        cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=limit(300),
+    )  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    what = f"shard {shards / 'shard-000001.tar'}: sample {bad:09d} ({original}): image does not"
+    last = {}
+    for rank in range(2):
+        lines = (run_dir / "logs" / f"rank{rank}.log").read_text().splitlines()
+        errors = [line for line in lines if " ERROR " in line or " CRITICAL " in line]
+        assert errors, lines[-20:]
+        last[rank] = errors[-1]
+        assert what in last[rank], last[rank]
+    readers = [r for r in range(2) if "failed:" not in last[r]]
+    assert len(readers) == 1, last
+    reader = readers[0]
+    if command == "train":
+        assert reader == 1, last
+    other = 1 - reader
+    assert f"rank {reader} failed: {what}" in last[other], last[other]
+    assert f"rank {other} failed" not in out and "rank(s) [" not in out, out[-3000:]
+    assert res.stderr.count(f"cluster-pipeline {command}: error: ") == 2, res.stderr[-3000:]
+    assert res.stderr.count(what) >= 2, res.stderr[-3000:]
 
 
 def test_too_many_skipped_samples_abort_with_a_clear_error(
@@ -448,4 +514,6 @@ def test_fail_mode_raises_on_every_rank(rank_results: list[dict]) -> None:
     assert "shard-000000.tar: sample 000000250: image does not decode" in rank0["fail_both"]
     assert "shard-000002.tar: sample 000001234: no image member" in rank1["fail_both"]
     assert "shard-000000.tar: sample 000000250: image does not decode" in rank0["fail_rank0"]
-    assert "rank(s) [0] failed" in rank1["fail_rank0"], rank1["fail_rank0"]
+    # The other rank names the failing rank and its error, with its status (bad input: 2).
+    assert rank1["fail_rank0"].startswith("RankFailedError: rank 0 failed: shard "), rank1
+    assert "sample 000000250: image does not decode" in rank1["fail_rank0"], rank1["fail_rank0"]

@@ -187,5 +187,5 @@ def test_a_rank_that_raises_fails_the_job(
     logs = job_logs(run_dir, job)
     assert tar.name in logs, logs[-3000:]
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
-    assert "rank(s) [1] failed" in rank0, rank0[-3000:]
+    assert f"rank 1 failed: shard {tar}: sample " in rank0, rank0[-3000:]
     assert not checkpoint.list_checkpoints(run_dir)

@@ -5,7 +5,9 @@ Strict means that damage is never decoded into pixels. A decoder that reports da
 not match, a truncated file) makes the image a `DecodeError`; nothing falls back to a lenient
 decoder that would accept what the strict one refused.
 
-- JPEG: libjpeg-turbo (simplejpeg) with its warnings as errors. YCbCr, grey and RGB JPEGs are
+- JPEG: libjpeg-turbo (simplejpeg) with its warnings as errors. libjpeg finds most damage to
+  the entropy-coded data (294 of 300 random overwrites in a test); the rest, and zero-filled
+  blocks that happen to decode as valid codes, no decoder can tell from an image. YCbCr, grey and RGB JPEGs are
   decoded by it (pixels equal PIL's: the same library, the same slow integer IDCT and fancy
   upsampling); CMYK/YCCK JPEGs are checked by it and converted by PIL, whose Adobe CMYK
   handling differs. Warnings about metadata only (an unknown JFIF revision, a bad ICC marker)
@@ -130,17 +132,22 @@ def verify(body: bytes | memoryview) -> str:
 
 
 def _jpeg_header(body: bytes | memoryview) -> tuple[int, int, str]:
-    try:
-        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(body)
-    except ValueError as exc:
-        raise DecodeError(f"JPEG header does not decode ({exc})") from None
-    return h, w, colorspace
+    for strict in (True, False):
+        try:
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(body, strict=strict)
+            return h, w, colorspace
+        except ValueError as exc:
+            if not strict or not any(b in str(exc) for b in JPEG_BENIGN):
+                raise DecodeError(f"JPEG header does not decode ({exc})") from None
+    raise AssertionError("unreachable")
 
 
 def _libjpeg(
     body: bytes | memoryview, colorspace: str, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """libjpeg's decode with its warnings as errors, but for those about metadata only."""
+    """libjpeg's decode with its warnings as errors. A warning about metadata only stops
+    libjpeg before it has looked at the image data (and simplejpeg raises it even when not
+    strict), so the image is decoded again, as strictly, without that metadata."""
     try:
         return simplejpeg.decode_jpeg(body, colorspace=colorspace, buffer=out)
     except ValueError as exc:
@@ -148,9 +155,30 @@ def _libjpeg(
         if not any(b in message for b in JPEG_BENIGN):
             raise DecodeError(f"damaged JPEG: libjpeg says {message!r}") from None
     try:
-        return simplejpeg.decode_jpeg(body, colorspace=colorspace, buffer=out, strict=False)
+        return simplejpeg.decode_jpeg(_without_metadata(body), colorspace=colorspace, buffer=out)
     except ValueError as exc:
         raise DecodeError(f"damaged JPEG: libjpeg says {str(exc)!r}") from None
+
+
+def _without_metadata(body: bytes | memoryview) -> bytes:
+    """The JPEG with the segments libjpeg only parses, never decodes with, left out or made
+    plain: EXIF/XMP (APP1), ICC profiles (APP2), comments, JFIF thumbnails (JFXX); a JFIF
+    header of another revision rewritten as 1.01 without thumbnail. The markers that decide
+    the pixels (frame, tables, Adobe's colour transform in APP14) are kept as they are."""
+    data = bytes(body)
+    parts, pos = [data[:2]], 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan: the image data follows
+            break
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        segment = data[pos:end]
+        if marker == 0xE0 and segment[4:9] == b"JFIF\0" and len(segment) >= 18:
+            parts.append(b"\xff\xe0\x00\x10JFIF\x00\x01\x01" + segment[11:16] + b"\x00\x00")
+        elif marker not in (0xE0, 0xE1, 0xE2, 0xFE):
+            parts.append(segment)
+        pos = end
+    return b"".join(parts) + data[pos:]
 
 
 def check_png(body: bytes | memoryview) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..kmeans import SALT_SPLIT, sample_keys
-from .decode import IMAGE_EXTS, DecodeError, decode_into
+from .decode import IMAGE_EXTS, DecodeError, Mode, decode_into
 from .shards import (
     FINGERPRINT_BYTES,
     FORMAT,
@@ -44,6 +44,8 @@ TAR_HEADER = 512
 
 class ShardError(RuntimeError):
     """A shard is missing, changed since its index was written, truncated or holds a bad sample."""
+
+    exit_status = 2  # bad input, on every rank (dist.exit_status_of)
 
 
 class SampleError(ShardError):
@@ -234,7 +236,7 @@ class SampleReader:
     def __init__(self, index: ShardIndex, load_size: int, channels: int) -> None:
         self.index = index
         self.load_size = load_size
-        self.mode = "L" if channels == 1 else "RGB"
+        self.mode: Mode = "L" if channels == 1 else "RGB"
         self.channels = channels
         self._fds: dict[int, int] = {}
 
@@ -278,14 +280,15 @@ class SampleReader:
                 shard, i, f"truncated: the file ends at byte {os.fstat(fd).st_size}, before "
                 f"this sample's image ends at byte {offset + size}"
             )  # fmt: skip
-        member = raw[:100].split(b"\0", 1)[0].decode(errors="replace")
+        header = raw[:100].split(b"\0", 1)[0]
         expected = self.index.names.member(i) if self.index.names else None
-        if not _names_member(member, i, expected):
+        if not _names_member(header, i, expected):
             raise ShardError(
                 f"shard {self._path(shard)}: expected {self.index.describe(i)} at byte {offset}, "
-                f"found {member!r}; the shard changed since its index was written: index or "
-                "write the shards again"
+                f"found {header.decode(errors='replace')!r}; the shard changed since its index "
+                "was written: index or write the shards again"
             )
+        member = header.decode(errors="replace") if expected is None else expected
         if not member.lower().endswith(IMAGE_EXTS):
             raise self._error(shard, i, f"no image member ({member!r} where its image was)")
         try:
@@ -334,13 +337,17 @@ class SampleReader:
         return indices[keep], out[keep], indices[~keep], reasons
 
 
-def _names_member(header_name: str, sample_id: int, expected: str | None) -> bool:
-    """Whether a tar header's name field is that of the sample's image member. A name longer
-    than the field's 100 bytes is cut there (GNU and pax headers carry it whole elsewhere), and
-    a ustar header keeps the directory part in its prefix field."""
+def _names_member(header: bytes, sample_id: int, expected: str | None) -> bool:
+    """Whether a tar header's name field is that of the sample's image member. The field holds
+    100 bytes: a longer name is cut there and a non-ASCII one may be written as '?'s (pax and
+    GNU headers keep the whole name in a record of their own), and a ustar header keeps the
+    directory part in its prefix field."""
     if expected is None:
-        return header_name.partition(".")[0] == f"{sample_id:09d}"
-    return bool(header_name) and (expected.startswith(header_name) or expected.endswith(header_name))
+        return header.partition(b".")[0] == b"%09d" % sample_id
+    if not header:
+        return False
+    forms = (expected.encode("utf-8", "surrogateescape"), expected.encode("ascii", "replace"))
+    return any(form.startswith(header) or form.endswith(header) for form in forms)
 
 
 class Batch(NamedTuple):
