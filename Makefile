@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-datapath bench-verify bench-gather \
+.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-datapath bench-verify bench-gather \
 	bench-epoch bench-quality bench-specialists bench-activations launch clean
 
 venv: $(STAMP)
@@ -76,6 +76,11 @@ bench-clustering: $(STAMP)
 	$(PY) -m bench.clustering $(if $(filter-out 0,$(LARGE_NITER)),--large --large-niter $(LARGE_NITER))
 
 # Shard reader vs a plain PIL decode loop on synthetic JPEGs, workers 0 and nproc (about 2 min).
+# The shard reader of this tree against that of BASE (default: main), in one process, in turns.
+BASE ?= main
+bench-reader-ab: $(STAMP)
+	$(PY) -m bench.reader_ab --base $(BASE)
+
 bench-datapath: $(STAMP)
 	$(PY) -m bench.datapath
 
