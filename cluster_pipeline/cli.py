@@ -25,6 +25,7 @@ from .layers import config_for_weights
 from .rotnet import run_rotnet
 from .specialists import COLUMNS, METHODS, run_specialists
 from .stop import StopFlag, Stopped
+from .tracking import log_error_to_files
 from .train import run_deepcluster
 
 log = logging.getLogger("cluster_pipeline")
@@ -289,8 +290,7 @@ def run_command(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ConfigError, ShardError, SourceError, FileNotFoundError) as exc:
-        if logging.getLogger().handlers:  # the rank's log ends with what went wrong, too
-            log.error("%s", exc)
+        log_error_to_files(str(exc))  # the rank's log ends with what went wrong, too
         print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Stopped as stop:
