@@ -50,7 +50,7 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
 def log_error_to_files(message: str) -> None:
     """An error line in this rank's log file only, for an error the CLI prints to stderr
     itself: rank 0's stdout handler would print it a second time."""
-    record = log.makeRecord("cluster_pipeline", logging.ERROR, __file__, 0, message, None, None)
+    record = log.makeRecord("cluster_pipeline", logging.ERROR, __file__, 0, message, (), None)
     for h in logging.getLogger().handlers:
         if getattr(h, "_cluster_pipeline", False) and isinstance(h, logging.FileHandler):
             h.handle(record)
