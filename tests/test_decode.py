@@ -179,6 +179,21 @@ def test_damaged_images_are_errors_not_pixels(name: str) -> None:
         verify(body)
 
 
+def test_pil_lenient_mode_set_elsewhere_does_not_make_decoding_lenient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Some libraries switch PIL's LOAD_TRUNCATED_IMAGES on at import; decoding stays strict
+    and leaves the switch as it found it."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for name in ("gif-cut", "tiff-cut", "bmp-cut", "png-cut"):
+        body, reason = _damaged()[name]
+        with pytest.raises(DecodeError, match=reason):
+            decode(body)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 def test_lenient_decoders_would_have_accepted_the_damage() -> None:
     """The cases above are real: PIL decodes the overwritten JPEG without a word (the old
     fallback's garbage), and its pixels differ from the original's."""

@@ -14,7 +14,8 @@ decoder that would accept what the strict one refused.
   are not damage.
 - PNG: every chunk's CRC is checked, then PIL decodes; a stream cut short is an error.
 - WebP, BMP, TIFF, GIF (its first frame) and anything else PIL opens: PIL, which raises on
-  truncated data (`ImageFile.LOAD_TRUNCATED_IMAGES` is False unless a user's code sets it).
+  truncated data (its lenient `ImageFile.LOAD_TRUNCATED_IMAGES` is kept off while decoding,
+  whatever another library set it to).
 
 Modes, to 8 bits (`to_8bit`):
 - 16-bit samples (PNG, TIFF: PIL's I;16 modes) keep their high byte, v >> 8, as PIL itself does
@@ -38,7 +39,7 @@ from typing import Literal
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, ImageFile
 
 # The extension each format's members get in shards: the format found in the bytes, not the
 # file name (ImageNet holds a PNG named .JPEG and CMYK JPEGs).
@@ -212,7 +213,12 @@ def check_png(body: bytes | memoryview) -> None:
 
 
 def _pil(body: bytes | memoryview, mode: Mode, size: int | None = None) -> np.ndarray:
-    """The image decoded whole by PIL, converted to 8-bit `mode` (and `resize_square`d)."""
+    """The image decoded whole by PIL, converted to 8-bit `mode` (and `resize_square`d).
+
+    PIL's lenient mode (`ImageFile.LOAD_TRUNCATED_IMAGES`, which some libraries switch on at
+    import) would fill a truncated image's missing rows with grey: it is off while we decode.
+    """
+    lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(io.BytesIO(body)) as im:
             img = to_8bit(im, mode)
@@ -221,6 +227,8 @@ def _pil(body: bytes | memoryview, mode: Mode, size: int | None = None) -> np.nd
         raise
     except Exception as exc:
         raise DecodeError(f"image does not decode ({_no_address(exc)})") from exc
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _pil_format(body: bytes | memoryview) -> str:
