@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -22,6 +23,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_GROUPS = itertools.count()
+
+
+def next_rendezvous_port() -> None:
+    """In a run_ranks process, before each process group after the first: its own
+    MASTER_PORT (the first one + a count, the same on every rank). On one port a rank may read
+    the previous group's addresses from a store not yet gone and connect to a peer's closed
+    gloo socket ("Connection refused"), leaving the others waiting."""
+    base = int(os.environ.setdefault("CLUSTER_PIPELINE_TEST_BASE_PORT", os.environ["MASTER_PORT"]))
+    os.environ["MASTER_PORT"] = str(base + next(_GROUPS))
 
 
 # Intra-op threads of every rank the tests start (run_ranks, start_cli_ranks, and launch.local

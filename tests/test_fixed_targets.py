@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from multiproc import run_ranks
+from multiproc import next_rendezvous_port, run_ranks
 from test_e2e import cli, rows_of
 from test_resume import StopAtPoll
 
@@ -171,6 +171,7 @@ def test_clusterfit_clustering_on_two_ranks_equals_one_rank(
 
 
 def fit_rank(rank: int, world: int, args: list[str], pretrained: str, stop_at: int) -> str:
+    next_rendezvous_port()
     try:
         flag = StopAtPoll(stop_at) if stop_at else StopFlag()
         run_clusterfit(clusterfit_config(CONFIG, pretrained, args), flag)

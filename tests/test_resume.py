@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from limits import limit
-from multiproc import launcher_env, run_ranks
+from multiproc import launcher_env, next_rendezvous_port, run_ranks
 
 from cluster_pipeline import checkpoint
 from cluster_pipeline.config import load_config
@@ -58,6 +58,7 @@ def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def train_rank(rank: int, world: int, args: list[str], stop_at: int) -> str:
+    next_rendezvous_port()
     cfg = load_config(CONFIG, args)
     try:
         run_deepcluster(cfg, StopAtPoll(stop_at) if stop_at else StopFlag())
