@@ -284,7 +284,7 @@ class Heartbeat:
         with self._lock:
             if self._store_down_since is None:
                 self._store_down_since = now
-                self._store_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self._store_error = error_line(exc)
             return now - self._store_down_since
 
     def _verdict(self, now: float) -> tuple[str, int] | None:
