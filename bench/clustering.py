@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from bench.common import provenance, publish, table
-from cluster_pipeline import kmeans
+from cluster_pipeline.clustering import kmeans
 
 SECTION = "## Clustering overhead (kmeans.cluster_features vs bare faiss and scikit-learn)"
 T = TypeVar("T")

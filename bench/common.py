@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cluster_pipeline import checkpoint
+from cluster_pipeline.run import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "BENCHMARKS.md"

@@ -26,15 +26,16 @@ import torch
 
 from bench.common import REPO, new_bench_dir, provenance, publish, run_ranks, table
 from bench.quality import train_deepcluster
-from cluster_pipeline import checkpoint, dist
+from cluster_pipeline import dist
 from cluster_pipeline.config import Config, load_config, per_rank_batch_size
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex, rank_partition
 from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
-from cluster_pipeline.extract import extract_features
-from cluster_pipeline.models import ClusterNet, build_model
-from cluster_pipeline.tracking import read_metrics
-from cluster_pipeline.train import augment, make_optimizer, train_step
+from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.tracking import read_metrics
+from cluster_pipeline.training.loop import augment, make_optimizer, train_step
 
 SECTION = "## Epoch breakdown (demo: MNIST-5k, 2 local ranks)"
 PHASES = ("extract", "gather", "cluster", "broadcast", "train", "checkpoint")

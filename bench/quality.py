@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 
 from bench.common import DIST_VARS, REPO, git_commit, machine, new_bench_dir, replace_section
-from cluster_pipeline import checkpoint, dist, kmeans, metrics
+from cluster_pipeline import dist
+from cluster_pipeline.clustering import kmeans, metrics
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.extract import extract_features, open_data_and_model
-from cluster_pipeline.models import ClusterNet, build_model
-from cluster_pipeline.tracking import read_metrics
+from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.tracking import read_metrics
 
 SECTION = "## Quality: DeepCluster in miniature (MNIST-5k)"
 K = 10

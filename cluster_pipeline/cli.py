@@ -10,23 +10,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import dist
-from .activations import comparison_table, run_activations
-from .checkpoint import CheckpointError
-from .clusterfit import clusterfit_config, run_clusterfit
-from .config import Config, ConfigError, load_config, validate_config
-from .data.index_shards import CLASS_FROM, index_shards
-from .data.reader import ShardError
-from .data.shards import SourceError, load_source, tree_summary, write_shards
-from .evaluate import format_table, run_evaluate
-from .extract import run_extract
-from .fixed_targets import run_supervised
-from .layers import config_for_weights
-from .rotnet import run_rotnet
-from .specialists import COLUMNS, METHODS, run_specialists
-from .stop import StopFlag, Stopped
-from .tracking import log_error_to_files
-from .train import run_deepcluster
+from cluster_pipeline import dist
+from cluster_pipeline.analysis.activations import comparison_table, run_activations
+from cluster_pipeline.analysis.evaluate import format_table, run_evaluate
+from cluster_pipeline.analysis.specialists import COLUMNS, METHODS, run_specialists
+from cluster_pipeline.config import Config, ConfigError, load_config, validate_config
+from cluster_pipeline.data.index_shards import CLASS_FROM, index_shards
+from cluster_pipeline.data.reader import ShardError
+from cluster_pipeline.data.shards import SourceError, load_source, tree_summary, write_shards
+from cluster_pipeline.features.extract import run_extract
+from cluster_pipeline.models.layers import config_for_weights
+from cluster_pipeline.run.checkpoint import CheckpointError
+from cluster_pipeline.run.stop import StopFlag, Stopped
+from cluster_pipeline.run.tracking import log_error_to_files
+from cluster_pipeline.training.clusterfit import clusterfit_config, run_clusterfit
+from cluster_pipeline.training.fixed_targets import run_supervised
+from cluster_pipeline.training.loop import run_deepcluster
+from cluster_pipeline.training.rotnet import run_rotnet
 
 log = logging.getLogger("cluster_pipeline")
 

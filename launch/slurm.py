@@ -28,8 +28,8 @@ import submitit
 import torch
 
 from cluster_pipeline.config import Config, ConfigError, SlurmConfig, load_config
-from cluster_pipeline.stop import StopFlag, Stopped
-from cluster_pipeline.train import run_deepcluster
+from cluster_pipeline.run.stop import StopFlag, Stopped
+from cluster_pipeline.training.loop import run_deepcluster
 
 log = logging.getLogger("cluster_pipeline.launch")
 

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cluster_pipeline import kmeans
+from cluster_pipeline.clustering import kmeans
 
 
 @contextmanager

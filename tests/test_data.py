@@ -23,7 +23,7 @@ from cluster_pipeline.data.shards import (
     iter_webdataset,
     write_shards,
 )
-from cluster_pipeline.models import build_model, reset_head
+from cluster_pipeline.models.nets import build_model, reset_head
 
 N_SAMPLES = 23
 PER_SHARD = 5  # does not divide 23: shards of 5, 5, 5, 5, 3
@@ -461,7 +461,7 @@ def test_batch_loader_workers_come_from_a_forkserver_with_a_timeout(digits_shard
 
 
 def test_feature_sink_writes_buffered_batches_in_place() -> None:
-    from cluster_pipeline.extract import FeatureSink
+    from cluster_pipeline.features.extract import FeatureSink
 
     out = np.full((10, 3), -1.0, dtype=np.float32)
     sink = FeatureSink(out, batches=3)

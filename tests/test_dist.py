@@ -21,8 +21,8 @@ from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.data.shards import Source, digits_source, write_shards
-from cluster_pipeline.extract import extract_features
-from cluster_pipeline.models import ClusterNet, build_model
+from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.models.nets import ClusterNet, build_model
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_CONFIG = REPO / "configs" / "digits_test.yaml"
@@ -266,7 +266,10 @@ def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def _ddp_worker(rank: int, world: int, shards: Path) -> dict:
-    from cluster_pipeline.train import make_optimizer, train_step  # imports sklearn: only here
+    from cluster_pipeline.training.loop import (  # imports sklearn: only here
+        make_optimizer,
+        train_step,
+    )
 
     ctx = dist.init_distributed()
     cfg = _config(shards)
@@ -299,7 +302,7 @@ def test_ddp_step_equals_one_process_on_global_batch(
     BatchNorm uses running statistics here: SyncBatchNorm (model.sync_bn) rejects CPU tensors, so
     on gloo the batch statistics cannot be shared. `per_rank` below covers train-mode BatchNorm.
     """
-    from cluster_pipeline.train import make_optimizer, train_step
+    from cluster_pipeline.training.loop import make_optimizer, train_step
 
     results = ddp_results
     cfg = _config(digits_shards)
@@ -335,7 +338,7 @@ def test_ddp_step_with_per_rank_batchnorm_averages_rank_gradients(
     The reference is one process minimizing the mean of the two halves' losses, each half
     through BatchNorm with its own batch statistics.
     """
-    from cluster_pipeline.train import make_optimizer, train_step
+    from cluster_pipeline.training.loop import make_optimizer, train_step
 
     results = ddp_results
     cfg = _config(digits_shards)

@@ -12,7 +12,7 @@ import pytest
 from limits import limit
 from multiproc import RANK_THREADS, launcher_env
 
-from cluster_pipeline.tracking import read_wandb_history
+from cluster_pipeline.run.tracking import read_wandb_history
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 

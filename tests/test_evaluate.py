@@ -11,10 +11,10 @@ import torch
 from multiproc import run_ranks
 
 from cluster_pipeline import dist
+from cluster_pipeline.analysis.probe import knn_top1, linear_probe
 from cluster_pipeline.config import ModelConfig, load_config
 from cluster_pipeline.data.reader import split_ids
-from cluster_pipeline.models import build_model
-from cluster_pipeline.probe import knn_top1, linear_probe
+from cluster_pipeline.models.nets import build_model
 
 CFG = "configs/digits_test.yaml"
 ONE = dist.DistContext(0, 1, 0, torch.device("cpu"))
@@ -43,8 +43,8 @@ def test_probe_learns_the_label_and_nothing_from_noise() -> None:
 def test_knn_and_nmi_see_the_label_and_nothing_from_noise() -> None:
     # Imported here, as are other heavy modules: the spawned ranks of the next test import this
     # file to find their function, and sklearn and the CLI would cost each of them seconds.
-    from cluster_pipeline.kmeans import cluster_features
-    from cluster_pipeline.metrics import nmi
+    from cluster_pipeline.clustering.kmeans import cluster_features
+    from cluster_pipeline.clustering.metrics import nmi
 
     carry, noise, y = labelled_and_noise()
     assert knn_top1(carry[:600], y[:600], carry[600:], y[600:], C, k=20) > 0.97

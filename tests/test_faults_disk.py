@@ -19,7 +19,7 @@ import torch
 from limits import limit
 from multiproc import kill_all, start_cli_ranks
 
-from cluster_pipeline import checkpoint
+from cluster_pipeline.run import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "digits_test.yaml")

@@ -21,8 +21,8 @@ import pytest
 from limits import limit
 from multiproc import kill_all, launcher_env, start_cli_ranks
 
-from cluster_pipeline import checkpoint
 from cluster_pipeline.dist import EXIT_RANK_LOST
+from cluster_pipeline.run import checkpoint
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 

@@ -26,14 +26,15 @@ from limits import limit
 from multiproc import launcher_env, run_ranks
 from sklearn.metrics import normalized_mutual_info_score
 
-from cluster_pipeline import cli, dist, metrics
+from cluster_pipeline import cli, dist
+from cluster_pipeline.clustering import metrics
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex, batch_loader
 from cluster_pipeline.data.sampler import uniform_cluster_sampler
 from cluster_pipeline.data.shards import INDEX_FILE, SAMPLES_FILE, shard_fingerprint
-from cluster_pipeline.extract import extract_features
-from cluster_pipeline.models import ClusterNet, build_model
+from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.models.nets import ClusterNet, build_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "digits_test.yaml")
@@ -369,12 +370,12 @@ def test_shard_changed_at_the_same_size_fails_before_any_work(
     garble(shards, 501)  # in shard 1's first 64 KiB
     garble(shards, 1498)  # in shard 2's last 64 KiB
     assert (head.stat().st_size, tail.stat().st_size) == sizes
-    import cluster_pipeline.train
+    import cluster_pipeline.training.loop
 
     def no_extraction(*args: object) -> None:
         raise AssertionError("extraction started")
 
-    monkeypatch.setattr(cluster_pipeline.train, "extract_features", no_extraction)
+    monkeypatch.setattr(cluster_pipeline.training.loop, "extract_features", no_extraction)
     status, err = run_cli(*train_args(shards, tmp_path / "run", f"data.on_error={on_error}"))
     assert status == 2, err
     for name in ("shard-000001.tar", "shard-000002.tar"):

@@ -20,19 +20,20 @@ from multiproc import next_rendezvous_port, run_ranks
 from test_e2e import cli, rows_of
 from test_resume import StopAtPoll
 
-from cluster_pipeline import checkpoint, dist
+from cluster_pipeline import dist
 from cluster_pipeline.cli import main
-from cluster_pipeline.clusterfit import (
+from cluster_pipeline.features.extract import open_data_and_model
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.stop import StopFlag, Stopped
+from cluster_pipeline.run.tracking import read_wandb_history
+from cluster_pipeline.training.clusterfit import (
     LABELS_FILE,
     SUMMARY_FILE,
     cluster_pretrained,
     clusterfit_config,
     run_clusterfit,
 )
-from cluster_pipeline.extract import open_data_and_model
-from cluster_pipeline.rotnet import rotate_batch
-from cluster_pipeline.stop import StopFlag, Stopped
-from cluster_pipeline.tracking import read_wandb_history
+from cluster_pipeline.training.rotnet import rotate_batch
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 

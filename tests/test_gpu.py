@@ -13,12 +13,12 @@ import pytest
 import torch
 from test_e2e import cli
 
-from cluster_pipeline import kmeans
+from cluster_pipeline.clustering import kmeans
 from cluster_pipeline.config import load_config
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.dist import DistContext
-from cluster_pipeline.extract import extract_features
-from cluster_pipeline.models import build_model
+from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.models.nets import build_model
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"

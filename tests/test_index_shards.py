@@ -23,7 +23,6 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from cluster_pipeline import checkpoint
 from cluster_pipeline.cli import main
 from cluster_pipeline.config import ConfigError, load_config
 from cluster_pipeline.data.decode import Mode, decode_into, resize_square
@@ -36,7 +35,8 @@ from cluster_pipeline.data.shards import (
     digits_source,
     write_shards,
 )
-from cluster_pipeline.train import run_deepcluster
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.training.loop import run_deepcluster
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD = 12  # images are 16 x 20: every read resizes, then crops

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from cluster_pipeline import kmeans as km
-from cluster_pipeline.kmeans import (
+from cluster_pipeline.clustering import kmeans as km
+from cluster_pipeline.clustering.kmeans import (
     assign,
     cluster_features,
     fit_pca,
@@ -17,7 +17,7 @@ from cluster_pipeline.kmeans import (
     pca_whiten,
     split_empty_clusters,
 )
-from cluster_pipeline.metrics import nmi
+from cluster_pipeline.clustering.metrics import nmi
 
 
 def brute_force_sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def blobs(n_per: int, k: int, d: int, seed: int, spread: float = 0.05):
 
 
 def test_kmeans_module_does_not_import_torch():
-    code = "import sys, cluster_pipeline.kmeans; sys.exit('torch' in sys.modules)"
+    code = "import sys, cluster_pipeline.clustering.kmeans; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

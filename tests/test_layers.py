@@ -12,14 +12,14 @@ from test_e2e import cli
 
 from cluster_pipeline.config import ConfigError, ModelConfig, load_config, to_yaml
 from cluster_pipeline.data.reader import ShardIndex
-from cluster_pipeline.layers import (
+from cluster_pipeline.models.layers import (
     LayerTaps,
     config_for_weights,
     load_weights,
     model_state,
     pool_activation,
 )
-from cluster_pipeline.models import build_model
+from cluster_pipeline.models.nets import build_model
 
 
 def small_cnn() -> torch.nn.Module:

@@ -23,11 +23,11 @@ import torch
 from limits import limit
 from multiproc import launcher_env, next_rendezvous_port, run_ranks
 
-from cluster_pipeline import checkpoint
 from cluster_pipeline.config import load_config
-from cluster_pipeline.stop import StopFlag, Stopped
-from cluster_pipeline.tracking import read_metrics, read_wandb_history
-from cluster_pipeline.train import run_deepcluster
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.stop import StopFlag, Stopped
+from cluster_pipeline.run.tracking import read_metrics, read_wandb_history
+from cluster_pipeline.training.loop import run_deepcluster
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 

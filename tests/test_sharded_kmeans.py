@@ -17,9 +17,10 @@ import pytest
 from limits import limit
 from multiproc import launcher_env, run_ranks
 
-from cluster_pipeline import dist, kmeans
-from cluster_pipeline.metrics import nmi
-from cluster_pipeline.sharded_kmeans import Ranks, Shard, cluster_shard
+from cluster_pipeline import dist
+from cluster_pipeline.clustering import kmeans
+from cluster_pipeline.clustering.metrics import nmi
+from cluster_pipeline.clustering.sharded import Ranks, Shard, cluster_shard
 
 REPO = Path(__file__).resolve().parent.parent
 

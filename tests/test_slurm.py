@@ -20,8 +20,8 @@ import submitit
 from limits import limit
 from slurm_cluster import SlurmCluster
 
-from cluster_pipeline import checkpoint
-from cluster_pipeline.tracking import read_wandb_history
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.tracking import read_wandb_history
 
 pytestmark = pytest.mark.slurm
 

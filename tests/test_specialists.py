@@ -13,14 +13,7 @@ from multiproc import run_ranks
 from test_e2e import cli
 
 from cluster_pipeline import dist
-from cluster_pipeline.cli import main
-from cluster_pipeline.config import load_config, to_yaml
-from cluster_pipeline.data.augment import center_crop, to_float
-from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.extract import extract_features, open_data_and_model
-from cluster_pipeline.layers import LayerTaps, load_weights, model_state
-from cluster_pipeline.models import build_model
-from cluster_pipeline.specialists import (
+from cluster_pipeline.analysis.specialists import (
     COLUMNS,
     METHODS,
     MomentSums,
@@ -28,6 +21,13 @@ from cluster_pipeline.specialists import (
     column_matrix,
     stream_prediction_moments,
 )
+from cluster_pipeline.cli import main
+from cluster_pipeline.config import load_config, to_yaml
+from cluster_pipeline.data.augment import center_crop, to_float
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.models.nets import build_model
 
 CONFIG = "configs/digits_test.yaml"
 PAIRS = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
@@ -181,8 +181,8 @@ def test_bad_input_is_one_line_exit_2(
 def test_outputs_are_named_as_classes_only_for_a_classifier_of_the_classes(
     digits_shards: Path, tmp_path: Path
 ) -> None:
+    from cluster_pipeline.analysis.specialists import class_names, head_over_clusters
     from cluster_pipeline.data.reader import ShardIndex
-    from cluster_pipeline.specialists import class_names, head_over_clusters
 
     saved = {
         "supervised": {"epoch": 3, "head": "classes"},  # train-supervised's run checkpoint

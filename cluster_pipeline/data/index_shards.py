@@ -29,10 +29,10 @@ from typing import IO
 import braceexpand
 import numpy as np
 
-from ..config import ConfigError
-from .decode import IMAGE_EXTS
-from .reader import TAR_HEADER, ShardError, _names_member
-from .shards import FORMAT, INDEX_FILE, SAMPLES_FILE, shard_fingerprint
+from cluster_pipeline.config import ConfigError
+from cluster_pipeline.data.decode import IMAGE_EXTS
+from cluster_pipeline.data.reader import TAR_HEADER, ShardError, _names_member
+from cluster_pipeline.data.shards import FORMAT, INDEX_FILE, SAMPLES_FILE, shard_fingerprint
 
 log = logging.getLogger(__name__)
 

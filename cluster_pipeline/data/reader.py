@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ..kmeans import SALT_SPLIT, sample_keys
-from .decode import IMAGE_EXTS, DecodeError, Mode, decode_into
-from .shards import (
+from cluster_pipeline.clustering.kmeans import SALT_SPLIT, sample_keys
+from cluster_pipeline.data.decode import IMAGE_EXTS, DecodeError, Mode, decode_into
+from cluster_pipeline.data.shards import (
     FINGERPRINT_BYTES,
     FORMAT,
     INDEX_FILE,

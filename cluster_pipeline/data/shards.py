@@ -38,8 +38,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from .decode import DecodeError, sniff_format
-from .decode import verify as verify_image
+from cluster_pipeline.data.decode import DecodeError, sniff_format
+from cluster_pipeline.data.decode import verify as verify_image
 
 log = logging.getLogger(__name__)
 

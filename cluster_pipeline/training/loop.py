@@ -14,18 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import dist, kmeans, metrics
-from .config import Config, per_rank_batch_size, to_dict
-from .data.augment import center_crop, random_resized_crop, to_float
-from .data.reader import SampleReader, batch_loader
-from .data.sampler import rank_slice, uniform_cluster_sampler
-from .extract import as_layout, extract_features, open_data_and_model
-from .models import ClusterNet, reset_head
-from .rundir import prepare_run_dir
-from .sharded_kmeans import Shard, cluster_shard
-from .state import Checkpointer, EpochState, resume_state
-from .stop import StopFlag
-from .tracking import Tracker, read_metrics, write_report
+from cluster_pipeline import dist
+from cluster_pipeline.clustering import kmeans, metrics
+from cluster_pipeline.clustering.sharded import Shard, cluster_shard
+from cluster_pipeline.config import Config, per_rank_batch_size, to_dict
+from cluster_pipeline.data.augment import center_crop, random_resized_crop, to_float
+from cluster_pipeline.data.reader import SampleReader, batch_loader
+from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
+from cluster_pipeline.features.extract import as_layout, extract_features, open_data_and_model
+from cluster_pipeline.models.nets import ClusterNet, reset_head
+from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.stop import StopFlag
+from cluster_pipeline.run.tracking import Tracker, read_metrics, write_report
+from cluster_pipeline.training.state import Checkpointer, EpochState, resume_state
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
-from .config import Config, ConfigError
-from .data.reader import SampleReader, ShardIndex
-from .extract import open_data_and_model
-from .models import ClusterNet, reset_head
-from .rundir import prepare_run_dir
-from .stop import StopFlag
-from .train import (
+from cluster_pipeline import dist
+from cluster_pipeline.config import Config, ConfigError
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+from cluster_pipeline.features.extract import open_data_and_model
+from cluster_pipeline.models.nets import ClusterNet, reset_head
+from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.stop import StopFlag
+from cluster_pipeline.training.loop import (
     BatchTransform,
     finish_run,
     open_training,

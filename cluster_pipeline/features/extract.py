@@ -15,13 +15,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import dist
-from .config import Config, validate_against_data, validate_training
-from .data.augment import center_crop, to_float
-from .data.reader import SampleReader, ShardError, ShardIndex, batch_loader, rank_partition
-from .layers import LayerTaps, load_weights, model_state
-from .models import ClusterNet, build_model
-from .rundir import prepare_run_dir
+from cluster_pipeline import dist
+from cluster_pipeline.config import Config, validate_against_data, validate_training
+from cluster_pipeline.data.augment import center_crop, to_float
+from cluster_pipeline.data.reader import (
+    SampleReader,
+    ShardError,
+    ShardIndex,
+    batch_loader,
+    rank_partition,
+)
+from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.run.rundir import prepare_run_dir
 
 log = logging.getLogger(__name__)
 

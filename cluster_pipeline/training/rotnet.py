@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist
-from .config import Config
-from .extract import open_data_and_model
-from .fixed_targets import fresh_head, train_on_targets
-from .rundir import prepare_run_dir
-from .stop import StopFlag
+from cluster_pipeline import dist
+from cluster_pipeline.config import Config
+from cluster_pipeline.features.extract import open_data_and_model
+from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.stop import StopFlag
+from cluster_pipeline.training.fixed_targets import fresh_head, train_on_targets
 
 log = logging.getLogger(__name__)
 

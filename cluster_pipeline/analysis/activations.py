@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import dist, kmeans, metrics
-from .config import Config, ConfigError, validate_k
-from .data.reader import SampleReader, ShardIndex
-from .extract import extract_features, open_data_and_model
-from .layers import LayerTaps, load_weights, model_state
-from .rundir import prepare_run_dir
+from cluster_pipeline import dist
+from cluster_pipeline.clustering import kmeans, metrics
+from cluster_pipeline.config import Config, ConfigError, validate_k
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.run.rundir import prepare_run_dir
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import POOL_RULE, Config, ConfigError, load_config
-from .models import ClusterNet
+from cluster_pipeline.config import POOL_RULE, Config, ConfigError, load_config
+from cluster_pipeline.models.nets import ClusterNet
 
 # Pool rules for spatial (N, C, H, W) activations (config.POOL_RULE):
 #   "avg" / "max": global average / max pooling, C values;

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from cluster_pipeline.config import ModelConfig
 
 
 class Sobel(nn.Module):

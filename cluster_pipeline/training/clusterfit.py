@@ -26,18 +26,36 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from . import checkpoint, dist, metrics
-from .config import Config, ConfigError, ModelConfig, load_config, validate_clustering
-from .data.reader import SampleReader, ShardIndex
-from .extract import extract_features, model_on_device, open_data_and_model
-from .fixed_targets import fresh_head, train_on_targets
-from .kmeans import Clustering
-from .layers import LayerTaps, check_pool_rule, load_weights, model_state, saved_config_text
-from .models import ClusterNet, build_model
-from .rundir import prepare_run_dir
-from .state import PhaseTimer
-from .stop import StopFlag
-from .train import cluster_epoch, gather_for_clustering, labels_on_every_rank
+from cluster_pipeline import dist
+from cluster_pipeline.clustering import metrics
+from cluster_pipeline.clustering.kmeans import Clustering
+from cluster_pipeline.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    load_config,
+    validate_clustering,
+)
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+from cluster_pipeline.features.extract import extract_features, model_on_device, open_data_and_model
+from cluster_pipeline.models.layers import (
+    LayerTaps,
+    check_pool_rule,
+    load_weights,
+    model_state,
+    saved_config_text,
+)
+from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.stop import StopFlag
+from cluster_pipeline.training.fixed_targets import fresh_head, train_on_targets
+from cluster_pipeline.training.loop import (
+    cluster_epoch,
+    gather_for_clustering,
+    labels_on_every_rank,
+)
+from cluster_pipeline.training.state import PhaseTimer
 
 log = logging.getLogger(__name__)
 

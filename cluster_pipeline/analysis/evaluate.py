@@ -34,16 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from . import dist
-from .config import Config, ConfigError
-from .data.reader import SampleReader, ShardIndex
-from .extract import extract_features, open_data_and_model
-from .kmeans import cluster_features
-from .layers import LayerTaps, load_weights, model_state
-from .metrics import ari, nmi
-from .models import ClusterNet
-from .probe import knn_top1, linear_probe
-from .rundir import prepare_run_dir
+from cluster_pipeline import dist
+from cluster_pipeline.analysis.probe import knn_top1, linear_probe
+from cluster_pipeline.clustering.kmeans import cluster_features
+from cluster_pipeline.clustering.metrics import ari, nmi
+from cluster_pipeline.config import Config, ConfigError
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.models.nets import ClusterNet
+from cluster_pipeline.run.rundir import prepare_run_dir
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,12 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from . import checkpoint, dist
-from .config import Config, ConfigError, to_yaml
-from .kmeans import Clustering
-from .stop import StopFlag, Stopped
-from .tracking import Tracker, truncate_metrics
+from cluster_pipeline import dist
+from cluster_pipeline.clustering.kmeans import Clustering
+from cluster_pipeline.config import Config, ConfigError, to_yaml
+from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.stop import StopFlag, Stopped
+from cluster_pipeline.run.tracking import Tracker, truncate_metrics
 
 log = logging.getLogger(__name__)
 

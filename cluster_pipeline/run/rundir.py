@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import dist
-from .config import Config, to_yaml
-from .tracking import setup_logging
+from cluster_pipeline import dist
+from cluster_pipeline.config import Config, to_yaml
+from cluster_pipeline.run.tracking import setup_logging
 
 
 def prepare_run_dir(cfg: Config, ctx: dist.DistContext, sub: str = "") -> Path:

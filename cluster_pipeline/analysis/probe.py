@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import dist
+from cluster_pipeline import dist
 
 
 @dataclass(frozen=True)

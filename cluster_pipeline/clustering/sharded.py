@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import dist, kmeans
+from cluster_pipeline import dist
+from cluster_pipeline.clustering import kmeans
 
 log = logging.getLogger(__name__)
 

@@ -393,7 +393,7 @@ def validate_config(cfg: Config) -> None:
 
 
 def validate_evaluate(e: EvaluateConfig) -> None:
-    from .layers import check_pool_rule  # layers imports this module
+    from cluster_pipeline.models.layers import check_pool_rule  # layers imports this module
 
     checks: list[tuple[bool, str]] = [
         (e.probe_iters >= 1, f"evaluate.probe_iters={e.probe_iters} must be >= 1"),
