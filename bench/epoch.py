@@ -35,7 +35,8 @@ from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.tracking import read_metrics
-from cluster_pipeline.training.loop import augment, make_optimizer, train_step
+from cluster_pipeline.training.session import make_optimizer
+from cluster_pipeline.training.step import augment, train_step
 
 SECTION = "## Epoch breakdown (demo: MNIST-5k, 2 local ranks)"
 PHASES = ("extract", "gather", "cluster", "broadcast", "train", "checkpoint")

@@ -148,7 +148,7 @@ def trained_model(run_dir: Path, cfg: Config) -> ClusterNet:
     state = checkpoint.load_latest(run_dir)
     if state is None:
         raise RuntimeError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
-    if state["epoch"] != cfg.train.epochs:
+    if state["position"]["epoch"] != cfg.train.epochs:
         raise RuntimeError(
             f"{run_dir}: latest checkpoint is after epoch {state['epoch']}, expected "
             f"{cfg.train.epochs} (train.epochs); the run did not finish"

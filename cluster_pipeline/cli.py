@@ -23,10 +23,13 @@ from cluster_pipeline.models.layers import config_for_weights
 from cluster_pipeline.run.checkpoint import CheckpointError
 from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.run.tracking import log_error_to_files
-from cluster_pipeline.training.clusterfit import clusterfit_config, run_clusterfit
-from cluster_pipeline.training.fixed_targets import run_supervised
-from cluster_pipeline.training.loop import run_deepcluster
-from cluster_pipeline.training.rotnet import run_rotnet
+from cluster_pipeline.training.clusterfit import clusterfit_config
+from cluster_pipeline.training.methods import (
+    run_clusterfit,
+    run_deepcluster,
+    run_rotnet,
+    run_supervised,
+)
 
 log = logging.getLogger("cluster_pipeline")
 

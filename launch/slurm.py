@@ -29,7 +29,7 @@ import torch
 
 from cluster_pipeline.config import Config, ConfigError, SlurmConfig, load_config
 from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.training.loop import run_deepcluster
+from cluster_pipeline.training.methods import run_deepcluster
 
 log = logging.getLogger("cluster_pipeline.launch")
 

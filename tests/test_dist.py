@@ -266,10 +266,8 @@ def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def _ddp_worker(rank: int, world: int, shards: Path) -> dict:
-    from cluster_pipeline.training.loop import (  # imports sklearn: only here
-        make_optimizer,
-        train_step,
-    )
+    from cluster_pipeline.training.session import make_optimizer  # imports sklearn: only here
+    from cluster_pipeline.training.step import train_step
 
     ctx = dist.init_distributed()
     cfg = _config(shards)
@@ -302,7 +300,8 @@ def test_ddp_step_equals_one_process_on_global_batch(
     BatchNorm uses running statistics here: SyncBatchNorm (model.sync_bn) rejects CPU tensors, so
     on gloo the batch statistics cannot be shared. `per_rank` below covers train-mode BatchNorm.
     """
-    from cluster_pipeline.training.loop import make_optimizer, train_step
+    from cluster_pipeline.training.session import make_optimizer
+    from cluster_pipeline.training.step import train_step
 
     results = ddp_results
     cfg = _config(digits_shards)
@@ -338,7 +337,8 @@ def test_ddp_step_with_per_rank_batchnorm_averages_rank_gradients(
     The reference is one process minimizing the mean of the two halves' losses, each half
     through BatchNorm with its own batch statistics.
     """
-    from cluster_pipeline.training.loop import make_optimizer, train_step
+    from cluster_pipeline.training.session import make_optimizer
+    from cluster_pipeline.training.step import train_step
 
     results = ddp_results
     cfg = _config(digits_shards)

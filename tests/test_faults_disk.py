@@ -94,7 +94,7 @@ def test_unwritable_checkpoint_stops_every_rank_naming_path_and_cause(
     # The previous checkpoint is untouched and loads; nothing half-written is left behind.
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-000001.pt"]
     assert (run_dir / "checkpoints" / "checkpoint-000001.pt").read_bytes() == before
-    assert checkpoint.load_latest(run_dir)["epoch"] == 1  # type: ignore[index]
+    assert checkpoint.load_latest(run_dir)["position"]["epoch"] == 1  # type: ignore[index]
 
 
 def test_save_atomic_names_the_cause_of_a_full_disk(tmp_path: Path) -> None:

@@ -370,12 +370,12 @@ def test_shard_changed_at_the_same_size_fails_before_any_work(
     garble(shards, 501)  # in shard 1's first 64 KiB
     garble(shards, 1498)  # in shard 2's last 64 KiB
     assert (head.stat().st_size, tail.stat().st_size) == sizes
-    import cluster_pipeline.training.loop
+    import cluster_pipeline.training.targets
 
     def no_extraction(*args: object) -> None:
         raise AssertionError("extraction started")
 
-    monkeypatch.setattr(cluster_pipeline.training.loop, "extract_features", no_extraction)
+    monkeypatch.setattr(cluster_pipeline.training.targets, "extract_features", no_extraction)
     status, err = run_cli(*train_args(shards, tmp_path / "run", f"data.on_error={on_error}"))
     assert status == 2, err
     for name in ("shard-000001.tar", "shard-000002.tar"):

@@ -31,8 +31,8 @@ from cluster_pipeline.training.clusterfit import (
     SUMMARY_FILE,
     cluster_pretrained,
     clusterfit_config,
-    run_clusterfit,
 )
+from cluster_pipeline.training.methods import run_clusterfit
 from cluster_pipeline.training.rotnet import rotate_batch
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
@@ -143,8 +143,10 @@ def test_clusterfit_end_to_end(clusterfit: Path, supervised: Path) -> None:
     assert all(r["train_loss"] > 0 and 0 <= r["train_acc"] <= 1 for r in rows)
     ckpts = sorted(checkpoint.list_checkpoints(clusterfit))
     first, last = checkpoint.load(ckpts[0]), checkpoint.load(ckpts[-1])
-    assert (first["epoch"], first["step"]) == (0, 0)  # written before the first step
-    assert np.array_equal(last["fixed_labels"].numpy(), labels)
+    pos = first["position"]
+    assert (pos["epoch"], pos["step"], pos["started"]) == (0, 0, True)  # before the first step
+    assert (last["schema_version"], last["targets"]["kind"]) == (2, "fixed")
+    assert np.array_equal(last["targets"]["labels"].numpy(), labels)
     new, pre = last["model"], weights(checkpoint.checkpoint_path(supervised, 2))
     assert new["head.weight"].shape[0] == K
     assert not torch.equal(new["block1.0.weight"], pre["block1.0.weight"])

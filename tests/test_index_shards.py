@@ -36,7 +36,7 @@ from cluster_pipeline.data.shards import (
     write_shards,
 )
 from cluster_pipeline.run import checkpoint
-from cluster_pipeline.training.loop import run_deepcluster
+from cluster_pipeline.training.methods import run_deepcluster
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD = 12  # images are 16 x 20: every read resizes, then crops

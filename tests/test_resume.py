@@ -27,7 +27,7 @@ from cluster_pipeline.config import load_config
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.run.tracking import read_metrics, read_wandb_history
-from cluster_pipeline.training.loop import run_deepcluster
+from cluster_pipeline.training.methods import run_deepcluster
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 
@@ -105,7 +105,7 @@ def stop_and_resume_every_case(rank: int, world: int, shards: Path, base: Path) 
         first = train_rank(rank, world, args, stop_at)
         stopped = {"first": first, "epochs_logged": len(metric_values(run_dir)) if rank == 0 else 0}
         if case == WANDB_CASE and rank == 0:
-            stopped["wandb_id"] = checkpoint.load_latest(run_dir)["wandb_id"]  # type: ignore[index]
+            stopped["wandb_id"] = checkpoint.load_latest(run_dir)["tracker"]["wandb_id"]  # type: ignore[index]
             shutil.copytree(run_dir, base / "stopped-mid-epoch")
         stopped["second"] = train_rank(rank, world, args, 0)
         if mode is not None:
@@ -202,7 +202,8 @@ def test_resume_refuses_a_different_world_size_mid_epoch(
     run_dir = resumed[0] / "stopped-mid-epoch"  # as stopped within epoch 1 by 2 ranks, at step 5
     with pytest.raises(AssertionError, match="written within epoch 1 by 2 ranks"):
         run_ranks(1, train_rank, overrides(digits_shards, run_dir), 0)
-    assert torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)["step"] == 5
+    last = torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)
+    assert last["position"]["step"] == 5
 
 
 WANDB_KEYS = ("nmi_gt", "nmi_prev", "train_loss", "kmeans_loss", "cluster_size_max")

@@ -32,6 +32,7 @@ from cluster_pipeline.features.extract import for_each_batch, open_data_and_mode
 from cluster_pipeline.models.layers import load_weights, model_state
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.training.checkpoints import head_of
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,9 @@ def head_over_clusters(path: str) -> bool:
     """Whether a checkpoint's head is over clusters (a DeepCluster or ClusterFit run) rather
     than the shards' classes (train-supervised, or a plain state_dict of a classifier)."""
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(saved, dict) or "epoch" not in saved:  # a plain state_dict
-        return False
-    return saved.get("head", "clusters") != "classes"
+    if not isinstance(saved, dict) or not ({"epoch", "schema_version"} & set(saved)):
+        return False  # a plain state_dict
+    return head_of(saved) != "classes"
 
 
 def summary(

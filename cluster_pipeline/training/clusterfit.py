@@ -3,7 +3,7 @@ freshly initialised network on those cluster labels.
 
     pretrained weights ──extract (a layer, pooled)──▶ features ──gather──▶ PCA + whiten + L2
     ──faiss k-means (k = cluster.k, empty clusters split)──▶ labels ──broadcast──▶ new network
-    trained on them for train.epochs (uniform over clusters; fixed_targets.train_on_targets)
+    trained on them for train.epochs (uniform over clusters; targets.FixedTargets)
 
 Every arrow is the DeepCluster pipeline's own function, run once. The pretrained network may be
 another architecture than the new one (`model`): its settings are clusterfit.pretrained_model,
@@ -19,9 +19,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +36,7 @@ from cluster_pipeline.config import (
     validate_clustering,
 )
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.features.extract import extract_features, model_on_device, open_data_and_model
+from cluster_pipeline.features.extract import extract_features, model_on_device
 from cluster_pipeline.models.layers import (
     LayerTaps,
     check_pool_rule,
@@ -46,16 +45,13 @@ from cluster_pipeline.models.layers import (
     saved_config_text,
 )
 from cluster_pipeline.models.nets import ClusterNet, build_model
-from cluster_pipeline.run import checkpoint
-from cluster_pipeline.run.rundir import prepare_run_dir
-from cluster_pipeline.run.stop import StopFlag
-from cluster_pipeline.training.fixed_targets import fresh_head, train_on_targets
-from cluster_pipeline.training.loop import (
-    cluster_epoch,
-    gather_for_clustering,
-    labels_on_every_rank,
-)
-from cluster_pipeline.training.state import PhaseTimer
+from cluster_pipeline.training.position import PhaseTimer
+from cluster_pipeline.training.pseudo_labels import Extracted, pseudo_labels
+from cluster_pipeline.training.seeding import Stream, stream_seed
+from cluster_pipeline.training.targets import FixedTargets
+
+if TYPE_CHECKING:
+    from cluster_pipeline.training.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +83,14 @@ def clusterfit_config(
     return cfg
 
 
-def run_clusterfit(
-    cfg: Config, flag: StopFlag | None = None, requeue: Callable[[int], object] | None = None
-) -> Path:
-    """`cluster-pipeline clusterfit`. Collective: call on every rank."""
+def clusterfit_targets(cfg: Config) -> FixedTargets:
+    """The pretrained network's clusters, made once: a head of cluster.k outputs."""
     check_pool_rule(cfg.clusterfit.pool)
-    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
-    with dist.naming_lost_ranks(ctx):
-        run_dir = prepare_run_dir(cfg, ctx)
-        index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
-        fresh_head(model, cfg.cluster.k, cfg.train.seed)
-        labels, summary = None, None
-        if not checkpoint.list_checkpoints(run_dir):  # else: the labels its checkpoints hold
-            labels, summary = cluster_pretrained(cfg, ctx, index, reader, run_dir)
-        return train_on_targets(cfg, ctx, run_dir, reader, model, labels, flag or StopFlag(),
-                                requeue, summary=summary)  # fmt: skip
+
+    def make(s: Session) -> tuple[np.ndarray, dict[str, Any] | None]:
+        return cluster_pretrained(s.cfg, s.ctx, s.index, s.reader, s.run_dir)
+
+    return FixedTargets("clusters", lambda index: cfg.cluster.k, make)
 
 
 def cluster_pretrained(
@@ -117,17 +106,15 @@ def cluster_pretrained(
     taps = LayerTaps(pretrained, [c.layer], c.pool) if c.layer else None
     dim = taps.measure(cfg.data.channels, cfg.data.image_size, ctx.device) if taps else 0
     validate_clustering(cfg, n, dim or pretrained.feature_dim)
-    with t("extract"), taps or contextlib.nullcontext():
-        idx, feats, skipped = extract_features(pretrained, reader, pre_cfg, ctx, taps)
-    del pretrained
-    with t("gather"):
-        gathered = gather_for_clustering(ctx, cfg, idx, feats, n, skipped)
-    with t("cluster"):
-        clusters = cluster_epoch(ctx, gathered, cfg, epoch=0)
-    with t("broadcast"):
-        labels = labels_on_every_rank(ctx, cfg, clusters, gathered, n)
+
+    def extract() -> Extracted:
+        with taps or contextlib.nullcontext():
+            return extract_features(pretrained, reader, pre_cfg, ctx, taps)
+
+    seed = stream_seed(cfg.train.seed, Stream.EPOCH, epoch=0)
+    labels, clusters = pseudo_labels(ctx, cfg.cluster, extract, n, seed, t)
     summary = dist.on_rank0(ctx, save_clustering, run_dir, cfg, labels, clusters, index.labels,
-                            t.seconds, dim or feats.shape[1])  # fmt: skip
+                            t.seconds, dim or pretrained.feature_dim)  # fmt: skip
     return labels, summary
 
 

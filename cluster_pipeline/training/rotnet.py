@@ -8,18 +8,13 @@ sampling label, so the uniform-over-labels sampler is a plain shuffle of the dat
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from cluster_pipeline import dist
 from cluster_pipeline.config import Config
-from cluster_pipeline.features.extract import open_data_and_model
-from cluster_pipeline.run.rundir import prepare_run_dir
-from cluster_pipeline.run.stop import StopFlag
-from cluster_pipeline.training.fixed_targets import fresh_head, train_on_targets
+from cluster_pipeline.data.reader import ShardIndex
+from cluster_pipeline.training.targets import FixedTargets
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +30,15 @@ def rotate_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     return rotated, targets
 
 
-def run_rotnet(
-    cfg: Config, flag: StopFlag | None = None, requeue: Callable[[int], object] | None = None
-) -> Path:
-    """`cluster-pipeline pretrain-rotnet`. Collective: call on every rank."""
-    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
-    with dist.naming_lost_ranks(ctx):
-        run_dir = prepare_run_dir(cfg, ctx)
-        index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
-        fresh_head(model, ROTATIONS, cfg.train.seed)
+def rotnet_targets(cfg: Config) -> FixedTargets:
+    """One sampling label for every sample; the rotations are the targets."""
+
+    def outputs(index: ShardIndex) -> int:
         log.info("RotNet: %d samples, each seen in %d rotations per draw (data.split=%s)",
                  index.num_samples, ROTATIONS, cfg.data.split)  # fmt: skip
-        one_label = np.zeros(index.num_samples, dtype=np.int64)
-        return train_on_targets(cfg, ctx, run_dir, reader, model, one_label, flag or StopFlag(),
-                                requeue, transform=rotate_batch, head="rotations")  # fmt: skip
+        return ROTATIONS
+
+    return FixedTargets(
+        "rotations", outputs, lambda s: (np.zeros(s.index.num_samples, dtype=np.int64), None),
+        transform=rotate_batch,
+    )  # fmt: skip

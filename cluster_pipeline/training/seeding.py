@@ -1,0 +1,42 @@
+"""Every random stream of a training run, derived from one function of its position.
+
+A stream is named by its purpose and keyed by (train.seed, epoch, rank, step), so a resumed run
+draws exactly what the uninterrupted one drew with no RNG state to save, and two streams never
+share a seed by accident. The derivation of each purpose is frozen: it is what runs of earlier
+versions used, so their curves and checkpoints continue bit for bit (README, "Design").
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+import torch
+
+
+class Stream(Enum):
+    MODEL = "model"  # the network's initial weights (every rank alike)
+    HEAD = "head"  # a head initialised for a run, or reset for an epoch's new pseudo-labels
+    EPOCH = "epoch"  # the epoch's k-means and its uniform-over-clusters draws
+    AUGMENT = "augment"  # a training step's crops and flips (per rank)
+    DROPOUT = "dropout"  # a training step's dropout masks: torch's global RNG (per rank)
+
+
+def stream_seed(seed: int, stream: Stream, epoch: int = 0, rank: int = 0, step: int = 0) -> int:
+    """The seed of `stream` at (epoch, rank, step) of a run with train.seed=`seed`."""
+    if stream is Stream.MODEL:
+        return seed
+    if stream is Stream.HEAD:  # epoch -1: the head made once for a run on fixed targets
+        return seed if epoch < 0 else seed * 7919 + epoch
+    if stream is Stream.EPOCH:
+        return seed * 1_000_003 + epoch
+    augment, dropout = np.random.SeedSequence([seed, epoch, rank, step]).generate_state(
+        2, np.uint64
+    )
+    return int(augment if stream is Stream.AUGMENT else dropout) >> 1
+
+
+def seed_step(gen: torch.Generator, seed: int, epoch: int, rank: int, step: int) -> None:
+    """Seed a training step's augmentation (`gen`) and dropout (torch's global RNG)."""
+    gen.manual_seed(stream_seed(seed, Stream.AUGMENT, epoch, rank, step))
+    torch.manual_seed(stream_seed(seed, Stream.DROPOUT, epoch, rank, step))
