@@ -196,6 +196,24 @@ def test_real_signal_then_restart_is_bit_identical(
     assert metric_values(run_dir) == metric_values(reference)
 
 
+SCHEMA1_RUN = REPO / "tests" / "data" / "schema1-mid-epoch"  # see its README.md
+
+
+def test_a_schema1_checkpoint_resumes_bit_identical(
+    reference: Path, digits_shards: Path, tmp_path: Path
+) -> None:
+    """A run stopped mid-epoch by the code before checkpoints had named parts (schema 1, a flat
+    dict) continues with today's code to the uninterrupted run's weights and metrics."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(SCHEMA1_RUN, run_dir)
+    (old,) = checkpoint.list_checkpoints(run_dir)
+    assert "schema_version" not in torch.load(old, weights_only=True)
+    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir), 0) == ["done"] * 2
+    assert weights_hash(run_dir) == weights_hash(reference)
+    assert metric_values(run_dir) == metric_values(reference)
+    assert torch.load(checkpoint.list_checkpoints(run_dir)[-1])["schema_version"] == 2
+
+
 def test_resume_refuses_a_different_world_size_mid_epoch(
     resumed: tuple[Path, list], digits_shards: Path
 ) -> None:
