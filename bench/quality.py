@@ -35,9 +35,10 @@ from cluster_pipeline import dist
 from cluster_pipeline.clustering import kmeans, metrics
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.tracking import read_metrics
 
 SECTION = "## Quality: DeepCluster in miniature (MNIST-5k)"

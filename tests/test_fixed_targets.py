@@ -22,8 +22,8 @@ from test_resume import StopAtPoll
 
 from cluster_pipeline import dist
 from cluster_pipeline.cli import main
-from cluster_pipeline.features.extract import open_data_and_model
 from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.run.tracking import read_wandb_history
 from cluster_pipeline.training.clusterfit import (

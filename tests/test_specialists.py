@@ -25,9 +25,10 @@ from cluster_pipeline.cli import main
 from cluster_pipeline.config import load_config, to_yaml
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
 from cluster_pipeline.models.nets import build_model
+from cluster_pipeline.run.setup import open_data_and_model
 
 CONFIG = "configs/digits_test.yaml"
 PAIRS = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]

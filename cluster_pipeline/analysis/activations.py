@@ -31,9 +31,10 @@ from cluster_pipeline import dist
 from cluster_pipeline.clustering import kmeans, metrics
 from cluster_pipeline.config import Config, ConfigError, validate_k
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
 from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.setup import open_data_and_model
 
 log = logging.getLogger(__name__)
 

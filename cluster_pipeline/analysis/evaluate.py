@@ -40,10 +40,11 @@ from cluster_pipeline.clustering.kmeans import cluster_features
 from cluster_pipeline.clustering.metrics import ari, nmi
 from cluster_pipeline.config import Config, ConfigError
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.features.extract import extract_features, open_data_and_model
+from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.setup import open_data_and_model
 
 log = logging.getLogger(__name__)
 

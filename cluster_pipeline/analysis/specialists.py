@@ -28,10 +28,11 @@ from cluster_pipeline import dist
 from cluster_pipeline.clustering import kmeans
 from cluster_pipeline.config import Config, ConfigError
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.features.extract import for_each_batch, open_data_and_model
+from cluster_pipeline.features.extract import for_each_batch
 from cluster_pipeline.models.layers import load_weights, model_state
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.training.checkpoints import head_of
 
 log = logging.getLogger(__name__)
