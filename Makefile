@@ -51,9 +51,10 @@ PYTEST_ARGS ?=
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# The unit tests only (no rank processes, no whole runs, no SLURM): under two minutes.
+# The unit tests only (no rank processes, no whole runs, no SLURM): under two minutes. Every
+# test is marked unit or integration (tests/conftest.py): -m integration runs the others.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests -m unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -29,7 +29,13 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from bench.common import provenance, publish, table
-from cluster_pipeline.clustering import kmeans
+from cluster_pipeline.clustering import kmeans, pca
+from cluster_pipeline.clustering.exact import fixed_point_scale
+from cluster_pipeline.clustering.holders import LOCAL
+from cluster_pipeline.clustering.keys import SALT_TRAIN, keep_fraction
+from cluster_pipeline.clustering.search import assign
+from cluster_pipeline.clustering.split import split_empty_clusters_keyed
+from cluster_pipeline.config import ClusterConfig
 
 SECTION = "## Clustering overhead (kmeans.cluster_features vs bare faiss and scikit-learn)"
 T = TypeVar("T")
@@ -56,9 +62,9 @@ def timed(fn: Callable[..., T], *args: Any) -> tuple[float, T]:
 
 
 def project_step(x: np.ndarray, k: int, niter: int, seed: int) -> kmeans.Clustering:
-    return kmeans.cluster_features(
-        x, k, pca_dim=x.shape[1], whiten=True, l2=True, niter=niter, seed=seed, use_gpu=False
-    )
+    c = ClusterConfig(k=k, pca_dim=x.shape[1], whiten=True, l2_normalize=True, niter=niter,
+                      use_gpu=False)  # fmt: skip
+    return kmeans.cluster_features(x, c, seed)
 
 
 def bare_faiss(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
@@ -78,23 +84,23 @@ def sklearn_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> KMeans:
 def breakdown(x: np.ndarray, k: int, niter: int, seed: int) -> dict[str, float]:
     """The project's step, function by function, as `kmeans.cluster` calls them."""
     t: dict[str, float] = {}
-    local, n, index = kmeans.LOCAL, len(x), np.arange(len(x))
-    t["fit_pca (exact covariance)"], pca = timed(
-        kmeans.fit_pca_on_sample, local, index, x, n, x.shape[1], True, seed
+    local, n, index = LOCAL, len(x), np.arange(len(x))
+    t["fit_pca (exact covariance)"], fitted = timed(
+        pca.fit_pca_on_sample, local, index, x, n, x.shape[1], True, seed
     )
-    t["project + L2 (exact products)"], xp = timed(kmeans.project, x, pca, True)
+    t["project + L2 (exact products)"], xp = timed(pca.project, x, fitted, True)
     init = kmeans.initial_centroids(local, xp, index, k, seed)
     max_abs = float(np.abs(xp).max())
-    scale = kmeans.fixed_point_scale(max_abs, n)
-    train = kmeans.keep_fraction(index, k * 256 / n, seed, kmeans.SALT_TRAIN)
+    scale = fixed_point_scale(max_abs, n)
+    train = keep_fraction(index, k * 256 / n, seed, SALT_TRAIN)
     x_train = xp if train.all() else xp[train]
-    rng = np.random.default_rng([seed, kmeans.SALT_TRAIN])
+    rng = np.random.default_rng([seed, SALT_TRAIN])
     t["lloyd (certified faiss search, fixed-point sums)"], cent = timed(
         kmeans.lloyd, local, x_train, init, niter, scale, rng
     )
-    t["assign (every point)"], labels = timed(kmeans.assign, xp, cent)
+    t["assign (every point)"], labels = timed(assign, xp, cent)
     t["split_empty_clusters_keyed"], (labels, cent, _) = timed(
-        kmeans.split_empty_clusters_keyed, local, xp, index, labels, cent, scale, seed
+        split_empty_clusters_keyed, local, xp, index, labels, cent, scale, seed
     )
     t["mean_loss (fixed point)"], _ = timed(kmeans.mean_loss, local, xp, cent, labels, max_abs, n)
     return t
@@ -243,9 +249,9 @@ def report(results: list[dict], args: argparse.Namespace, runtime: float) -> str
         f"- Features: a mixture of 1000 Gaussians in {main['d']}-d (component sizes from a "
         "Dirichlet(2), per-dimension scale 1/sqrt(1+j), ReLU), float32, seed "
         f"{args.seed}; all sides cluster the same array.",
-        f"- Project: `kmeans.cluster_features(x, k, pca_dim={main['d']}, whiten=True, l2=True, "
-        f"niter={args.niter}, use_gpu=False)`: PCA fitted on up to "
-        f"{kmeans.PCA_FIT_MAX_ROWS:,} rows and applied to all (exact products), whitening, L2, "
+        f"- Project: `kmeans.cluster_features` with `ClusterConfig(k, pca_dim={main['d']}, "
+        f"whiten=True, l2_normalize=True, niter={args.niter}, use_gpu=False)`: PCA fitted on up to "
+        f"{pca.PCA_FIT_MAX_ROWS:,} rows and applied to all (exact products), whitening, L2, "
         "Lloyd's iterations on at most 256 points per centroid with `faiss.IndexFlatL2` top-2 "
         "search certified by its error bound and fixed-point sums, nearest-centroid assignment "
         "of every point, `split_empty_clusters_keyed`, fixed-point objective: the same bits on "

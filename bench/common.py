@@ -1,24 +1,17 @@
 """What every benchmark shares: the machine and commit it ran on, its section of BENCHMARKS.md,
-and a way to run a function on N local processes with torchrun's environment (gloo ranks).
+and running commands on local ranks (functions on gloo ranks: cluster_pipeline.testing.multiproc).
 """
 
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
-import pickle
 import platform
 import re
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -150,86 +143,6 @@ def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str
     align = align or "l" + "r" * (len(header) - 1)
     rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
     return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# Each rank is a fresh `python -c` process, as torchrun starts `python -m cluster_pipeline`:
-# a DataLoader worker started from the forkserver then re-imports no main module (a bench
-# module as __main__ would be re-imported by every worker of every epoch, seconds each).
-_BOOT = "import sys; from bench.common import _rank_entry; _rank_entry(sys.argv[1])"
-
-
-def _rank_entry(out: str) -> None:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    try:
-        module, name, args = pickle.loads(Path(out, "call.pkl").read_bytes())
-        fn = getattr(importlib.import_module(module), name)
-        result: Any = ("ok", fn(rank, world, *args))
-    except BaseException as exc:
-        result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        import torch.distributed as tdist
-
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
-
-
-def run_ranks(world: int, fn: Callable, *args: Any, timeout: float = 600) -> list[Any]:
-    """fn(rank, world, *args) on `world` local processes with torchrun's environment (so
-    `dist.init_distributed` joins a gloo group) and cores ÷ world threads each, as
-    `launch.local` runs ranks; returns the results in rank order. `fn` must be module-level.
-    """
-    threads = str(max(1, (os.cpu_count() or 1) // world))
-    port = str(_free_port())
-    with tempfile.TemporaryDirectory() as out:
-        module = fn.__module__
-        if module == "__main__":  # `python -m bench.NAME`: the rank imports bench.NAME
-            spec = getattr(sys.modules["__main__"], "__spec__", None)
-            if spec is None:
-                raise ValueError(f"run_ranks: {fn.__qualname__} must live in an importable module")
-            module = spec.name
-        Path(out, "call.pkl").write_bytes(pickle.dumps((module, fn.__qualname__, args)))
-        procs = []
-        for rank in range(world):
-            env = dict(
-                os.environ,
-                RANK=str(rank),
-                WORLD_SIZE=str(world),
-                LOCAL_RANK=str(rank),
-                LOCAL_WORLD_SIZE=str(world),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-                OMP_NUM_THREADS=threads,
-                PYTHONPATH=str(REPO),
-            )
-            procs.append(subprocess.Popen([sys.executable, "-c", _BOOT, out], cwd=REPO, env=env))
-        deadline = time.monotonic() + timeout
-        try:
-            for p in procs:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"ranks did not finish within {timeout} s") from None
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        missing = [r for r in range(world) if not Path(out, f"rank{r}.pkl").exists()]
-        if missing:
-            codes = [p.returncode for p in procs]
-            raise RuntimeError(f"rank(s) {missing} left no result (exit codes {codes})")
-        results = [pickle.loads(Path(out, f"rank{r}.pkl").read_bytes()) for r in range(world)]
-    errors = [f"rank {r}: {msg}" for r, (status, msg) in enumerate(results) if status == "error"]
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [value for _, value in results]
 
 
 # Set by torchrun; a bench process is a world of one, and its subprocesses start their own.

@@ -41,14 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from bench.common import provenance, publish, table
 from cluster_pipeline.data.decode import resize_square as _resize_square
-from cluster_pipeline.data.reader import (
-    Batch,
-    BatchLoader,
-    SampleReader,
-    ShardIndex,
-    batch_loader,
-)
-from cluster_pipeline.data.shards import Source, write_shards
+from cluster_pipeline.data.loader import Batch, BatchLoader, batch_loader
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+from cluster_pipeline.data.shards import write_shards
+from cluster_pipeline.data.sources import Source
 
 SECTION = "## Data path (shard reader vs plain PIL decode)"
 

@@ -24,17 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO, new_bench_dir, provenance, publish, run_ranks, table
+from bench.common import REPO, new_bench_dir, provenance, publish, table
 from bench.quality import train_deepcluster
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config, load_config, per_rank_batch_size
 from cluster_pipeline.data.augment import center_crop, to_float
-from cluster_pipeline.data.reader import SampleReader, ShardIndex, rank_partition
+from cluster_pipeline.data.loader import rank_partition
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.run import checkpoint
-from cluster_pipeline.run.tracking import read_metrics
+from cluster_pipeline.run.metrics_file import read_metrics
+from cluster_pipeline.testing.multiproc import run_ranks
 from cluster_pipeline.training.session import make_optimizer
 from cluster_pipeline.training.step import augment, train_step
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = read_metrics(run_dir)
     print(f"  {len(rows)} epochs in {train_s:.0f} s; timing the model alone", flush=True)
-    model = run_ranks(2, model_only, cfg, str(run_dir), args.repeats)
+    model = run_ranks(2, model_only, cfg, str(run_dir), args.repeats, timeout=600, threads=None)
     n = ShardIndex.load(REPO / cfg.data.shards).num_samples
     info = {
         "runtime": time.perf_counter() - t0,

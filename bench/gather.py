@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from bench.common import provenance, publish, run_ranks, table
+from bench.common import provenance, publish, table
 from cluster_pipeline import dist
-from cluster_pipeline.data.reader import rank_partition
+from cluster_pipeline.data.loader import rank_partition
+from cluster_pipeline.testing.multiproc import run_ranks
 
 SECTION = "## Gather (dist.gather_features, rank 0's memory and time)"
 
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     print(f"bench.gather: {args.n:,} x {args.d} float32 over 2 gloo ranks", flush=True)
-    ranks = run_ranks(2, rank_main, args.n, args.d, args.repeats)
+    ranks = run_ranks(2, rank_main, args.n, args.d, args.repeats, timeout=600, threads=None)
     for i, r in enumerate(ranks[0]["runs"]):
         print(
             f"  run {i}: {r['seconds']:.2f} s, rank 0 peak growth "

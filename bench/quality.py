@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.metrics_file import read_metrics
 from cluster_pipeline.run.setup import open_data_and_model
-from cluster_pipeline.run.tracking import read_metrics
 
 SECTION = "## Quality: DeepCluster in miniature (MNIST-5k)"
 K = 10
@@ -164,12 +164,11 @@ def score(
 ) -> list[tuple[float, float]]:
     """(NMI, ARI) against the true digits of k=10 k-means, one per k-means seed."""
     out = []
+    section = replace(
+        cfg.cluster, k=K, pca_dim=prep.pca_dim, whiten=prep.whiten, l2_normalize=prep.l2
+    )
     for s in seeds:
-        c = kmeans.cluster_features(
-            feats, K, prep.pca_dim, prep.whiten, prep.l2, cfg.cluster.niter, seed=s,
-            max_points_per_centroid=cfg.cluster.max_points_per_centroid,
-            use_gpu=cfg.cluster.use_gpu,
-        )  # fmt: skip
+        c = kmeans.cluster_features(feats, section, s)
         out.append((metrics.nmi(truth, c.labels) or 0.0, metrics.ari(truth, c.labels) or 0.0))
     return out
 

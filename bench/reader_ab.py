@@ -26,7 +26,8 @@ from PIL import Image
 
 from bench.common import REPO, provenance, publish, table
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.data.shards import Source, write_shards
+from cluster_pipeline.data.shards import write_shards
+from cluster_pipeline.data.sources import Source
 
 SECTION = "## Shard reader: this tree ÷ an earlier commit (one process, in turns)"
 CASES = (  # name, images, width, height, load size, channels, format

@@ -36,7 +36,8 @@ from bench.common import (
 from cluster_pipeline import dist
 from cluster_pipeline.analysis.specialists import COLUMNS
 from cluster_pipeline.features.extract import extract_features
-from cluster_pipeline.models.layers import LayerTaps, config_for_weights, load_weights, model_state
+from cluster_pipeline.models.layers import LayerTaps
+from cluster_pipeline.models.weights import config_for_weights, load_weights, model_state
 from cluster_pipeline.run.setup import open_data_and_model
 
 SECTION = "## Specialists: groups from the generalist's prediction covariance (MNIST-5k)"

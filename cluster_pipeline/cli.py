@@ -15,14 +15,17 @@ from cluster_pipeline.analysis.activations import comparison_table, run_activati
 from cluster_pipeline.analysis.evaluate import format_table, run_evaluate
 from cluster_pipeline.analysis.specialists import COLUMNS, METHODS, run_specialists
 from cluster_pipeline.config import Config, ConfigError, load_config, validate_config
-from cluster_pipeline.data.index_shards import CLASS_FROM, index_shards
+from cluster_pipeline.data.class_values import CLASS_FROM
+from cluster_pipeline.data.imagefolder import tree_summary
+from cluster_pipeline.data.index_shards import index_shards
 from cluster_pipeline.data.reader import ShardError
-from cluster_pipeline.data.shards import SourceError, load_source, tree_summary, write_shards
+from cluster_pipeline.data.shards import load_source, write_shards
+from cluster_pipeline.data.sources import SourceError
 from cluster_pipeline.features.extract import run_extract
-from cluster_pipeline.models.layers import config_for_weights
+from cluster_pipeline.models.weights import config_for_weights
 from cluster_pipeline.run.checkpoint import CheckpointError
+from cluster_pipeline.run.logs import log_error_to_files
 from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.run.tracking import log_error_to_files
 from cluster_pipeline.training.clusterfit import clusterfit_config
 from cluster_pipeline.training.methods import (
     run_clusterfit,

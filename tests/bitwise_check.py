@@ -17,7 +17,9 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cluster_pipeline.clustering import kmeans
+from cluster_pipeline.clustering import exact, pca, search
+from cluster_pipeline.clustering.kmeans import cluster_features
+from cluster_pipeline.config import ClusterConfig
 
 
 @contextmanager
@@ -54,43 +56,43 @@ def check_exact_matmul() -> None:
     """Exact: integer operands within the bit budget come out as int64 arithmetic gives them,
     and a row's result is the same computed alone."""
     rng = np.random.default_rng(1)
-    a_bits, b_bits = kmeans.exact_bits(300)
+    a_bits, b_bits = exact.exact_bits(300)
     a = rng.integers(-(2**a_bits) + 1, 2**a_bits, size=(50, 300))
     b = rng.integers(-(2**b_bits) + 1, 2**b_bits, size=(300, 7))
     want = a @ b  # int64, exact: |sum| < 300 * 2**44
-    np.testing.assert_array_equal(kmeans.exact_matmul(a.astype(np.float64), b), want)
+    np.testing.assert_array_equal(exact.exact_matmul(a.astype(np.float64), b), want)
     x = rng.normal(size=(400, 300)).astype(np.float32)
     w = rng.normal(size=(300, 7)).astype(np.float32)
-    full = kmeans.exact_matmul(x, w)
+    full = exact.exact_matmul(x, w)
     for i in (0, 1, 17, 399):
-        np.testing.assert_array_equal(kmeans.exact_matmul(x[i : i + 1], w)[0], full[i])
+        np.testing.assert_array_equal(exact.exact_matmul(x[i : i + 1], w)[0], full[i])
     with threads(1):
-        np.testing.assert_array_equal(kmeans.exact_matmul(misaligned(x), w), full)
+        np.testing.assert_array_equal(exact.exact_matmul(misaligned(x), w), full)
 
 
 def check_projection() -> None:
     """project(x)[rows] is project(x[rows]), at any offset, length, alignment or thread count."""
     x = features()
-    pca = kmeans.fit_pca(x, 16)
-    full = kmeans.project(x, pca)
+    fitted = pca.fit_pca(x, 16)
+    full = pca.project(x, fitted)
     perm = np.random.default_rng(2).permutation(len(x))
-    np.testing.assert_array_equal(kmeans.project(x[perm], pca), full[perm])
+    np.testing.assert_array_equal(pca.project(x[perm], fitted), full[perm])
     for start, length in ((0, 1), (1, 700), (5, 2294), (3, 17), (2999, 1)):
         part = slice(start, start + length)
-        np.testing.assert_array_equal(kmeans.project(x[part], pca), full[part], str(part))
+        np.testing.assert_array_equal(pca.project(x[part], fitted), full[part], str(part))
     for n in (1, 2):
         with threads(n):
-            np.testing.assert_array_equal(kmeans.project(misaligned(x), pca), full)
+            np.testing.assert_array_equal(pca.project(misaligned(x), fitted), full)
 
 
 def check_fit_pca() -> None:
     """The same matrix gives the same PCA with any thread count and alignment."""
     x = features(d=512)  # LAPACK threads its work from a few hundred columns on
     with threads(1):
-        one = kmeans.fit_pca(x, 24)
+        one = pca.fit_pca(x, 24)
     for n in (2, 3):
         with threads(n):
-            other = kmeans.fit_pca(misaligned(x, 12), 24)
+            other = pca.fit_pca(misaligned(x, 12), 24)
         np.testing.assert_array_equal(other.proj, one.proj)
         np.testing.assert_array_equal(other.mean, one.mean)
 
@@ -111,26 +113,26 @@ def check_assign() -> None:
     """assign's labels are exact_nearest's for every row, near-ties included; the exact path
     did run for them; and no thread count, offset or alignment changes a label."""
     x, centroids = near_ties()
-    exact = kmeans.exact_nearest(x, centroids)
+    exact = search.exact_nearest(x, centroids)
     calls: list[int] = []
-    real = kmeans.exact_nearest
+    real = search.exact_nearest
 
     def counting(rows: np.ndarray, c: np.ndarray) -> np.ndarray:
         calls.append(len(rows))
         return real(rows, c)
 
-    kmeans.exact_nearest = counting  # type: ignore[assignment]
+    search.exact_nearest = counting  # type: ignore[assignment]
     try:
-        labels = kmeans.assign(x, centroids)
+        labels = search.assign(x, centroids)
     finally:
-        kmeans.exact_nearest = real  # type: ignore[assignment]
+        search.exact_nearest = real  # type: ignore[assignment]
     np.testing.assert_array_equal(labels, exact)
     assert sum(calls) >= len(x) // 4, calls  # most near-ties were settled exactly
     assert set(np.unique(labels[: len(x) // 2])) <= {0, 1}
     for n in (1, 2, 3):
         with threads(n):
-            np.testing.assert_array_equal(kmeans.assign(misaligned(x), centroids), exact)
-            np.testing.assert_array_equal(kmeans.assign(x[5:1777], centroids), exact[5:1777])
+            np.testing.assert_array_equal(search.assign(misaligned(x), centroids), exact)
+            np.testing.assert_array_equal(search.assign(x[5:1777], centroids), exact[5:1777])
 
 
 def check_faiss_error_bound() -> None:
@@ -147,7 +149,7 @@ def check_faiss_error_bound() -> None:
         exact = np.square(x[:, None, :].astype(np.float64) - c[ids].astype(np.float64)).sum(-1)
         x_norm = np.linalg.norm(x.astype(np.float64), axis=1)
         c_norm = float(np.linalg.norm(c.astype(np.float64), axis=1).max())
-        bound = kmeans.faiss_distance_error(x_norm, c_norm, d)[:, None]
+        bound = search.faiss_distance_error(x_norm, c_norm, d)[:, None]
         worst = float((np.abs(dist - exact) / bound).max())
         assert worst < 1.0, f"d={d} scale={scale}: error {worst:.2f} x the bound"
 
@@ -156,23 +158,22 @@ def check_clustering() -> None:
     """The whole step: the same labels, centroids and loss with 1 or more threads, rows in
     another order (index permuted alike) or misaligned, empty clusters split included."""
     x = features(n=2500)
+    c = ClusterConfig(k=40, pca_dim=16, niter=8, use_gpu=False)
     with threads(1):
-        ref = kmeans.cluster_features(x, 40, 16, niter=8, seed=5, use_gpu=False)
+        ref = cluster_features(x, c, seed=5)
     perm = np.random.default_rng(6).permutation(len(x))
     for n in (2, 3):
         with threads(n):
-            other = kmeans.cluster_features(
-                misaligned(x[perm]), 40, 16, niter=8, seed=5, use_gpu=False, index=perm
-            )
+            other = cluster_features(misaligned(x[perm]), c, seed=5, index=perm)
         np.testing.assert_array_equal(other.labels, ref.labels[perm])
         np.testing.assert_array_equal(other.centroids, ref.centroids)
         assert other.loss == ref.loss and other.n_empty_before_split == ref.n_empty_before_split
     dup = np.repeat(features(n=30, d=8), 4, axis=0)  # 30 distinct points into 90 clusters
+    c = ClusterConfig(k=90, pca_dim=0, l2_normalize=False, niter=4, use_gpu=False)
     with threads(1):
-        a = kmeans.cluster_features(dup, 90, 0, l2=False, niter=4, seed=5, use_gpu=False)
+        a = cluster_features(dup, c, seed=5)
     with threads(3):
-        b = kmeans.cluster_features(misaligned(dup), 90, 0, l2=False, niter=4, seed=5,
-                                    use_gpu=False)  # fmt: skip
+        b = cluster_features(misaligned(dup), c, seed=5)
     assert a.n_empty_before_split >= 60
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.centroids, b.centroids)

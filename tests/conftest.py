@@ -1,19 +1,20 @@
 """Shared fixtures: real shards built once per session, W&B kept offline and inside tmp dirs;
-the `slow` marker of every test that starts rank processes or whole runs.
+the markers every test gets: `slow` for those that start rank processes or whole runs, and
+exactly one of `integration` (slow or slurm) and `unit` (the rest).
 
-`make test` runs everything; `make test-fast` (-m "not slow and not slurm") the unit tests.
+`make test` runs everything; `make test-fast` (-m unit) the unit tests.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a local SLURM cluster)
 
-from cluster_pipeline.data.shards import digits_source, write_shards
+from cluster_pipeline.data.shards import write_shards
+from cluster_pipeline.data.sources import digits_source
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,10 +27,21 @@ SLOW_FIXTURES = frozenset({
 })  # fmt: skip
 
 
+# Markers that make a test an integration test: it starts rank processes, whole runs or SLURM.
+INTEGRATION_MARKERS = ("slow", "slurm", "integration")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        integration = any(item.get_closest_marker(m) for m in INTEGRATION_MARKERS)
+        if integration and item.get_closest_marker("unit"):
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked unit but starts rank processes or runs (marked "
+                f"{', '.join(m for m in INTEGRATION_MARKERS if item.get_closest_marker(m))})"
+            )
+        item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
 
 
 @pytest.fixture(autouse=True)
@@ -51,12 +63,6 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     write_shards(digits_source(), out, samples_per_shard=500)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

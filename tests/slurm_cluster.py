@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from limits import limit
+
+from cluster_pipeline.testing.limits import limit
 
 SCRIPTS = Path(__file__).resolve().parent / "slurm"
 START_SCRIPT = SCRIPTS / "start_local_slurm.sh"

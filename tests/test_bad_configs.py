@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from limits import limit
-from multiproc import kill_all, start_cli_ranks
 
 from cluster_pipeline.config import ConfigError, load_config, per_rank_batch_size
+from cluster_pipeline.testing.limits import limit
+from cluster_pipeline.testing.multiproc import kill_all, start_cli_ranks
 from launch.slurm import check_job_shape
 
 REPO = Path(__file__).resolve().parent.parent

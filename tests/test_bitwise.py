@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from bitwise_check import CHECKS
-from limits import limit
+
+from cluster_pipeline.testing.limits import limit
 
 HERE = Path(__file__).resolve().parent
 

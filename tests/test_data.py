@@ -14,15 +14,11 @@ from PIL import Image
 
 from cluster_pipeline.config import ARCHS, ModelConfig
 from cluster_pipeline.data.augment import random_resized_crop
-from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex, batch_loader
+from cluster_pipeline.data.loader import batch_loader
+from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
 from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
-from cluster_pipeline.data.shards import (
-    INDEX_FILE,
-    SAMPLES_FILE,
-    Source,
-    iter_webdataset,
-    write_shards,
-)
+from cluster_pipeline.data.shards import INDEX_FILE, SAMPLES_FILE, iter_webdataset, write_shards
+from cluster_pipeline.data.sources import Source
 from cluster_pipeline.models.nets import build_model, reset_head
 
 N_SAMPLES = 23
@@ -505,7 +501,7 @@ def test_batch_loader_reuses_a_ring_of_shared_buffers_without_mixing_batches(
     digits_shards: Path,
 ) -> None:
     """Each worker decodes into RING_SLOTS buffers in turn; every batch still arrives intact."""
-    from cluster_pipeline.data.reader import RING_SLOTS
+    from cluster_pipeline.data.loader import RING_SLOTS
 
     reader = SampleReader(ShardIndex.load(digits_shards), load_size=8, channels=1)
     order = np.random.default_rng(0).permutation(1797)

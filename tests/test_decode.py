@@ -24,7 +24,8 @@ from cluster_pipeline.data.decode import (
     verify,
 )
 from cluster_pipeline.data.reader import SampleError, SampleReader, ShardIndex
-from cluster_pipeline.data.shards import Source, write_shards
+from cluster_pipeline.data.shards import write_shards
+from cluster_pipeline.data.sources import Source
 
 SIZE = 24
 

@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from multiproc import run_ranks
 from torch import nn
 
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
-from cluster_pipeline.data.shards import Source, digits_source, write_shards
+from cluster_pipeline.data.shards import write_shards
+from cluster_pipeline.data.sources import Source, digits_source
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.testing.multiproc import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS_CONFIG = REPO / "configs" / "digits_test.yaml"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from limits import limit
-from multiproc import RANK_THREADS, launcher_env
 
-from cluster_pipeline.run.tracking import read_wandb_history
+from cluster_pipeline.run.wandb_file import read_wandb_history
+from cluster_pipeline.testing.limits import limit
+from cluster_pipeline.testing.multiproc import RANK_THREADS, launcher_env
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from limits import limit
-from multiproc import kill_all, start_cli_ranks
 
 from cluster_pipeline.run import checkpoint
+from cluster_pipeline.testing.limits import limit
+from cluster_pipeline.testing.multiproc import kill_all, start_cli_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "digits_test.yaml")

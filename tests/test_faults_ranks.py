@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from limits import limit
-from multiproc import kill_all, launcher_env, start_cli_ranks
 
 from cluster_pipeline.dist import EXIT_RANK_LOST
 from cluster_pipeline.run import checkpoint
+from cluster_pipeline.testing.limits import limit
+from cluster_pipeline.testing.multiproc import kill_all, launcher_env, start_cli_ranks
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 

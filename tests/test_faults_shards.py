@@ -22,19 +22,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from limits import limit
-from multiproc import launcher_env, run_ranks
 from sklearn.metrics import normalized_mutual_info_score
 
 from cluster_pipeline import cli, dist
 from cluster_pipeline.clustering import metrics
 from cluster_pipeline.config import Config, load_config
 from cluster_pipeline.data.augment import center_crop, to_float
-from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex, batch_loader
+from cluster_pipeline.data.loader import batch_loader
+from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
 from cluster_pipeline.data.sampler import uniform_cluster_sampler
 from cluster_pipeline.data.shards import INDEX_FILE, SAMPLES_FILE, shard_fingerprint
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.testing.limits import limit
+from cluster_pipeline.testing.multiproc import launcher_env, run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "digits_test.yaml")
@@ -227,7 +228,7 @@ def test_skip_mode_logs_shard_key_and_reason_on_the_reading_rank(
 def tree_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
     """The digits as an image folder (class folders of PNG files) written by make-shards, one
     sample garbled in the middle of shard 1: (shards, bad sample, its original file)."""
-    from cluster_pipeline.data.shards import digits_source
+    from cluster_pipeline.data.sources import digits_source
 
     base = tmp_path_factory.mktemp("tree")
     source = digits_source()

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from multiproc import next_rendezvous_port, run_ranks
 from test_e2e import cli, rows_of
 from test_resume import StopAtPoll
 
@@ -25,7 +24,8 @@ from cluster_pipeline.cli import main
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.run.tracking import read_wandb_history
+from cluster_pipeline.run.wandb_file import read_wandb_history
+from cluster_pipeline.testing.multiproc import next_rendezvous_port, run_ranks
 from cluster_pipeline.training.clusterfit import (
     LABELS_FILE,
     SUMMARY_FILE,

@@ -4,6 +4,7 @@ what it needs; none returns early and passes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 from test_e2e import cli
 
-from cluster_pipeline.clustering import kmeans
-from cluster_pipeline.config import load_config
+from cluster_pipeline.clustering import kmeans, search
+from cluster_pipeline.config import ClusterConfig, load_config
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.dist import DistContext
 from cluster_pipeline.features.extract import extract_features
@@ -24,7 +25,7 @@ needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none"
 )
 needs_faiss_gpu = pytest.mark.skipif(
-    kmeans.num_gpus() == 0, reason="needs faiss-gpu and a GPU (pip install '.[gpu]' on a GPU node)"
+    search.num_gpus() == 0, reason="needs faiss-gpu and a GPU (pip install '.[gpu]' on a GPU node)"
 )
 needs_two_gpus = pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs for 2 NCCL ranks on one node"
@@ -50,9 +51,10 @@ def test_gather_mode_searches_on_every_gpu_and_agrees_with_cpu(
         return real(resources, index, *args, **kw)
 
     monkeypatch.setattr(faiss, "index_cpu_to_gpu_multiple_py", spy)
-    on_gpu = kmeans.cluster_features(x, 50, pca_dim=0, l2=False, niter=10, use_gpu=True)
-    assert set(used) == {kmeans.num_gpus()}  # rank 0 searches on all of its node's GPUs
-    on_cpu = kmeans.cluster_features(x, 50, pca_dim=0, l2=False, niter=10, use_gpu=False)
+    c = ClusterConfig(k=50, pca_dim=0, l2_normalize=False, niter=10, use_gpu=True)
+    on_gpu = kmeans.cluster_features(x, c, seed=0)
+    assert set(used) == {search.num_gpus()}  # rank 0 searches on all of its node's GPUs
+    on_cpu = kmeans.cluster_features(x, dataclasses.replace(c, use_gpu=False), seed=0)
     assert len(used) == 11  # 10 Lloyd iterations and the final assignment; none on CPU
     # Same start, same sums: only the GPU's rounding of near-ties can differ.
     assert (on_gpu.labels == on_cpu.labels).mean() > 0.99
@@ -62,8 +64,8 @@ def test_gather_mode_searches_on_every_gpu_and_agrees_with_cpu(
 def test_a_ranks_own_gpu_search_assigns_like_the_cpu() -> None:
     x = blobs()
     centroids = x[:50].copy()
-    l_cpu = kmeans.assign(x, centroids)
-    l_gpu = kmeans.assign(x, centroids, kmeans.GpuSearch(0))
+    l_cpu = search.assign(x, centroids)
+    l_gpu = search.assign(x, centroids, search.GpuSearch(0))
     assert (l_gpu == l_cpu).mean() > 0.999
 
 

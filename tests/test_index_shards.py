@@ -28,19 +28,14 @@ from cluster_pipeline.config import ConfigError, load_config
 from cluster_pipeline.data.decode import Mode, decode_into, resize_square
 from cluster_pipeline.data.index_shards import MEMBERS_FILE, index_shards, shard_paths
 from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
-from cluster_pipeline.data.shards import (
-    INDEX_FILE,
-    SAMPLES_FILE,
-    Source,
-    digits_source,
-    write_shards,
-)
+from cluster_pipeline.data.shards import INDEX_FILE, SAMPLES_FILE, write_shards
+from cluster_pipeline.data.sources import Source, digits_source
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.training.methods import run_deepcluster
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD = 12  # images are 16 x 20: every read resizes, then crops
-LOG = "cluster_pipeline.data.index_shards"
+LOG = "cluster_pipeline.data"  # index_shards and tar_scan, which names odd members
 
 
 def encode(pixels: np.ndarray, fmt: str) -> bytes:

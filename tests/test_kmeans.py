@@ -1,23 +1,33 @@
-"""kmeans.py as pure functions on arrays: NumPy (and faiss inside kmeans.py) only, no torch."""
+"""The clustering package as pure functions on arrays: NumPy (and faiss inside search.py) only,
+no torch. The clustering step reads its parameters from the config's `cluster` section."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from cluster_pipeline.clustering import exact
 from cluster_pipeline.clustering import kmeans as km
-from cluster_pipeline.clustering.kmeans import (
-    assign,
-    cluster_features,
-    fit_pca,
-    l2_normalize,
-    pca_whiten,
-    split_empty_clusters,
-)
+from cluster_pipeline.clustering import pca as pca_module
+from cluster_pipeline.clustering.exact import squared_distances
+from cluster_pipeline.clustering.kmeans import cluster_features
 from cluster_pipeline.clustering.metrics import nmi
+from cluster_pipeline.clustering.pca import fit_pca, l2_normalize, pca_whiten
+from cluster_pipeline.clustering.search import assign, faiss_kmeans
+from cluster_pipeline.clustering.split import split_empty_clusters
+from cluster_pipeline.config import ClusterConfig
+
+# The modules of the clustering step that know nothing of torch (sharded.py talks to `dist`).
+PURE = ("kmeans", "exact", "keys", "pca", "search", "split", "holders")
+
+
+def section(k: int, **fields) -> ClusterConfig:
+    """The `cluster` section of a CPU run: the defaults but for `k` and `fields`."""
+    return ClusterConfig(k=k, use_gpu=False, **fields)
 
 
 def brute_force_sq_dist(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -48,8 +58,18 @@ def blobs(n_per: int, k: int, d: int, seed: int, spread: float = 0.05):
     return x[perm].astype(np.float32), truth[perm]
 
 
-def test_kmeans_module_does_not_import_torch():
-    code = "import sys, cluster_pipeline.clustering.kmeans; sys.exit('torch' in sys.modules)"
+@pytest.mark.parametrize("module", PURE)
+def test_clustering_modules_do_not_import_torch(module: str):
+    code = f"import sys, cluster_pipeline.clustering.{module}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_config_does_not_import_clustering():
+    """clustering may name the config's type; the config never imports clustering (no cycle)."""
+    code = (
+        "import sys, cluster_pipeline.config; "
+        "sys.exit(any(m.startswith('cluster_pipeline.clustering') for m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -113,7 +133,7 @@ def test_float32_pca_of_the_gpu_path_agrees_with_the_exact_one():
 
 
 def test_pca_fit_on_row_subsample_still_finds_subspace(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(km, "PCA_FIT_MAX_ROWS", 500)
+    monkeypatch.setattr(pca_module, "PCA_FIT_MAX_ROWS", 500)
     x = low_rank_gaussian(3000, 12, rank=2, seed=4)
     pca = fit_pca(x, 2, seed=0)
     xc = x.astype(np.float64) - x.mean(axis=0, dtype=np.float64)
@@ -282,7 +302,7 @@ def test_cluster_features_duplicates_with_k_close_to_n(pca_dim: int):
     rng = np.random.default_rng(14)
     feats = np.repeat(rng.normal(size=(5, 8)), 8, axis=0)  # 40 points, 5 distinct values
     k = 38
-    res = cluster_features(feats, k, pca_dim=pca_dim, niter=5, seed=0, use_gpu=False)
+    res = cluster_features(feats, section(k, pca_dim=pca_dim, niter=5), seed=0)
     assert res.labels.shape == (40,)
     assert res.labels.dtype == np.int64
     assert np.bincount(res.labels, minlength=k).min() >= 1
@@ -303,7 +323,7 @@ def test_cluster_features_labels_cover_all_points_when_faiss_subsamples():
     k, pca_dim = 10, 8
     # faiss trains on k * 39 = 390 points; the labels must still cover all 5000.
     res = cluster_features(
-        feats, k, pca_dim=pca_dim, niter=10, seed=0, max_points_per_centroid=39, use_gpu=False
+        feats, section(k, pca_dim=pca_dim, niter=10, max_points_per_centroid=39), seed=0
     )
     assert res.labels.shape == (5000,)
     assert res.n_empty_before_split == 0
@@ -323,14 +343,14 @@ def test_cluster_features_labels_cover_all_points_when_faiss_subsamples():
 def test_cluster_features_k_above_n_raises_naming_k():
     feats = np.random.default_rng(16).normal(size=(10, 4)).astype(np.float32)
     with pytest.raises(ValueError, match=r"k=11.*10"):
-        cluster_features(feats, 11, pca_dim=0, use_gpu=False)
+        cluster_features(feats, section(11, pca_dim=0), seed=0)
     with pytest.raises(ValueError, match="k=11"):
-        km.kmeans(feats, 11, use_gpu=False)
+        faiss_kmeans(feats, 11, use_gpu=False)
 
 
 def test_cluster_features_k_equal_n_gives_singletons():
     feats = np.random.default_rng(17).normal(size=(15, 4)).astype(np.float32)
-    res = cluster_features(feats, 15, pca_dim=0, niter=5, use_gpu=False)
+    res = cluster_features(feats, section(15, pca_dim=0, niter=5), seed=0)
     np.testing.assert_array_equal(np.sort(res.labels), np.arange(15))
 
 
@@ -339,7 +359,7 @@ def test_cluster_features_separated_blobs_give_nmi_one():
     # faiss starts from k random points (no k-means++, one run), so a single seed can stop in a
     # local minimum that merges two blobs. Keep the lowest-loss of a few seeds, as nredo would:
     # that also checks `loss` ranks the solutions correctly.
-    runs = [cluster_features(x, 5, pca_dim=4, niter=20, seed=s, use_gpu=False) for s in range(4)]
+    runs = [cluster_features(x, section(5, pca_dim=4, niter=20), seed=s) for s in range(4)]
     best = min(runs, key=lambda r: r.loss)
     assert nmi(best.labels, truth) > 0.99
     assert best.n_empty_before_split == 0
@@ -348,18 +368,53 @@ def test_cluster_features_separated_blobs_give_nmi_one():
 
 def test_cluster_features_is_deterministic_for_a_seed():
     x, _ = blobs(n_per=50, k=6, d=8, seed=19, spread=1.0)
-    a = cluster_features(x, 6, pca_dim=4, niter=5, seed=3, use_gpu=False)
-    b = cluster_features(x, 6, pca_dim=4, niter=5, seed=3, use_gpu=False)
+    a = cluster_features(x, section(6, pca_dim=4, niter=5), seed=3)
+    b = cluster_features(x, section(6, pca_dim=4, niter=5), seed=3)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.centroids, b.centroids)
+
+
+FIELDS = dict(k=23, pca_dim=5, whiten=False, l2_normalize=False, niter=4,
+              max_points_per_centroid=8)  # fmt: skip
+
+
+@pytest.mark.parametrize("field", [*FIELDS, "split_eps"])
+def test_cluster_features_reads_each_field_of_its_section(
+    monkeypatch: pytest.MonkeyPatch, field: str
+):
+    """The step takes the `cluster` section, not a list of loose arguments: changing any one
+    of its fields changes the clustering (split_eps: reaches the split, which these distinct
+    points never need)."""
+    rng = np.random.default_rng(21)
+    centres = np.repeat(rng.normal(size=(4, 8)) * 5, 30, axis=0)
+    x = (centres + 0.3 * rng.normal(size=(120, 8))).astype(np.float32)
+    base = section(24, pca_dim=4, niter=3, max_points_per_centroid=4)
+    eps_seen: list[float] = []
+    real_split = km.split_empty_clusters_keyed
+
+    def spy(*args, **kwargs):
+        eps_seen.append(args[-1])
+        return real_split(*args, **kwargs)
+
+    monkeypatch.setattr(km, "split_empty_clusters_keyed", spy)
+    ref = cluster_features(x, base, seed=1)
+    changed = {**FIELDS, "split_eps": 0.3}[field]
+    other = cluster_features(x, dataclasses.replace(base, **{field: changed}), seed=1)
+    if field == "split_eps":
+        assert eps_seen == [base.split_eps, 0.3]
+    else:
+        same = other.centroids.shape == ref.centroids.shape and np.array_equal(
+            other.centroids, ref.centroids
+        )
+        assert not (same and np.array_equal(other.labels, ref.labels)), field
 
 
 # ------------------------------------------------------------------------------------- assign
 
 
-@pytest.mark.parametrize("block_bytes", [km.BLOCK_BYTES, 100 * 8 * 8])
+@pytest.mark.parametrize("block_bytes", [exact.BLOCK_BYTES, 100 * 8 * 8])
 def test_assign_equals_brute_force_argmin(monkeypatch: pytest.MonkeyPatch, block_bytes: int):
-    monkeypatch.setattr(km, "BLOCK_BYTES", block_bytes)  # 1003 rows: blocks that do not divide
+    monkeypatch.setattr(exact, "BLOCK_BYTES", block_bytes)  # 1003 rows: blocks that do not divide
     rng = np.random.default_rng(20)
     x = rng.normal(size=(1003, 8)).astype(np.float32)
     centroids = rng.normal(size=(17, 8)).astype(np.float32)
@@ -367,5 +422,5 @@ def test_assign_equals_brute_force_argmin(monkeypatch: pytest.MonkeyPatch, block
     d2 = brute_force_sq_dist(x, centroids)
     assert labels.dtype == np.int64 and labels.shape == (1003,)
     np.testing.assert_array_equal(labels, d2.argmin(axis=1))
-    sq = km.squared_distances(x, centroids, labels)
+    sq = squared_distances(x, centroids, labels)
     np.testing.assert_allclose(sq, d2.min(axis=1), rtol=1e-12)

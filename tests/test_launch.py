@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from limits import limit
 
 from cluster_pipeline.config import load_config
+from cluster_pipeline.testing.limits import limit
 from launch.slurm import rendezvous_port, slurm_parameters
 
 REPO = Path(__file__).resolve().parent.parent

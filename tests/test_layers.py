@@ -12,14 +12,9 @@ from test_e2e import cli
 
 from cluster_pipeline.config import ConfigError, ModelConfig, load_config, to_yaml
 from cluster_pipeline.data.reader import ShardIndex
-from cluster_pipeline.models.layers import (
-    LayerTaps,
-    config_for_weights,
-    load_weights,
-    model_state,
-    pool_activation,
-)
+from cluster_pipeline.models.layers import LayerTaps, pool_activation
 from cluster_pipeline.models.nets import build_model
+from cluster_pipeline.models.weights import config_for_weights, load_weights, model_state
 
 
 def small_cnn() -> torch.nn.Module:

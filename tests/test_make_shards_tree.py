@@ -16,15 +16,10 @@ from PIL import Image
 
 from cluster_pipeline.cli import main
 from cluster_pipeline.data.decode import decode_into, resize_square
+from cluster_pipeline.data.imagefolder import MANIFEST_FILE, imagefolder_source
 from cluster_pipeline.data.reader import SampleError, SampleReader, ShardIndex
-from cluster_pipeline.data.shards import (
-    INDEX_FILE,
-    MANIFEST_FILE,
-    SOURCES_FILE,
-    SourceError,
-    imagefolder_source,
-    write_shards,
-)
+from cluster_pipeline.data.shards import INDEX_FILE, SOURCES_FILE, write_shards
+from cluster_pipeline.data.sources import SourceError
 
 LOAD = 32
 PER_SHARD = 5

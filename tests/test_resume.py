@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from limits import limit
-from multiproc import launcher_env, next_rendezvous_port, run_ranks
 
 from cluster_pipeline.config import load_config
 from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.metrics_file import read_metrics
 from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.run.tracking import read_metrics, read_wandb_history
+from cluster_pipeline.run.wandb_file import read_wandb_history
+from cluster_pipeline.testing.limits import limit
+from cluster_pipeline.testing.multiproc import launcher_env, next_rendezvous_port, run_ranks
 from cluster_pipeline.training.methods import run_deepcluster
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs

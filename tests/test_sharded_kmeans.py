@@ -1,4 +1,4 @@
-"""cluster.mode=sharded (sharded_kmeans.py) against gather mode (kmeans.cluster_features), on 1,
+"""cluster.mode=sharded (sharded.py) against gather mode (kmeans.cluster_features), on 1,
 2 and 3 real gloo ranks holding uneven, shuffled shares of the samples: the same bits.
 
 The worker runs every case in one process group and returns the results; the worker function
@@ -7,6 +7,7 @@ is module-level so the spawned processes can import it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from limits import limit
-from multiproc import launcher_env, run_ranks
 
 from cluster_pipeline import dist
-from cluster_pipeline.clustering import kmeans
+from cluster_pipeline.clustering import kmeans, pca
+from cluster_pipeline.clustering.exact import fixed_point_scale
 from cluster_pipeline.clustering.metrics import nmi
 from cluster_pipeline.clustering.sharded import Ranks, Shard, cluster_shard
+from cluster_pipeline.clustering.split import split_empty_clusters, split_empty_clusters_keyed
+from cluster_pipeline.config import ClusterConfig
+from cluster_pipeline.testing.limits import limit
+from cluster_pipeline.testing.multiproc import launcher_env, run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +35,9 @@ SKIPPED, RANK0_ROWS = 6, 700
 DUP_DISTINCT, DUP_COPIES, DUP_K = 60, 5, 100
 # PCA on a sample: the fit's row cap, lowered from 200k so that 3000 rows are sampled.
 PCA_CAP = 400
+# The `cluster` sections of the blobs and of the duplicates (CPU: the bits are promised there).
+BLOBS = ClusterConfig(k=K, pca_dim=PCA_DIM, niter=NITER, use_gpu=False)
+DUP = ClusterConfig(k=DUP_K, pca_dim=0, l2_normalize=False, niter=5, use_gpu=False)
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -74,15 +81,13 @@ def _worker(rank: int, world: int) -> dict:
     # Blobs: sharded mode, and gather mode through the real gather on rank 0.
     x, _ = blobs()
     idx, skipped = share(rank, world, N, SKIPPED, RANK0_ROWS)
-    c = cluster_shard(ctx, Shard(idx, x[idx], skipped, N), K, PCA_DIM, niter=NITER, seed=SEED,
-                      use_gpu=False)  # fmt: skip
+    c = cluster_shard(ctx, Shard(idx, x[idx], skipped, N), BLOBS, SEED)
     labels = dist.all_gather_labels(ctx, idx, c.labels, skipped, N)
     out["blobs"] = {"labels": labels, "centroids": c.centroids, "loss": c.loss,
                     "n_empty": c.n_empty_before_split}  # fmt: skip
     gathered = dist.gather_features(ctx, idx, x[idx], N, skipped)
     if gathered is not None:
-        g = kmeans.cluster_features(gathered.feats, K, PCA_DIM, niter=NITER, seed=SEED,
-                                    use_gpu=False, index=gathered.index)  # fmt: skip
+        g = kmeans.cluster_features(gathered.feats, BLOBS, SEED, index=gathered.index)
         out["gather"] = {"labels": gathered.per_sample(g.labels), "centroids": g.centroids,
                          "loss": g.loss, "n_empty": g.n_empty_before_split}  # fmt: skip
 
@@ -90,29 +95,28 @@ def _worker(rank: int, world: int) -> dict:
     xd = duplicates()
     n_dup = len(xd)
     idx, _ = share(rank, world, n_dup, 0, 111)
-    c = cluster_shard(ctx, Shard(idx, xd[idx], idx[:0], n_dup), DUP_K, pca_dim=0, l2=False, niter=5,
-                      seed=SEED, use_gpu=False)  # fmt: skip
+    c = cluster_shard(ctx, Shard(idx, xd[idx], idx[:0], n_dup), DUP, SEED)
     out["dup"] = {"labels": dist.all_gather_labels(ctx, idx, c.labels, idx[:0], n_dup),
                   "centroids": c.centroids, "n_empty": c.n_empty_before_split}  # fmt: skip
 
-    # The split alone, on distinct points, against kmeans.split_empty_clusters (rank 0).
+    # The split alone, on distinct points, against split.split_empty_clusters (rank 0).
     rng = np.random.default_rng(4)
     xs = rng.normal(size=(500, 8)).astype(np.float32)
     start = rng.integers(0, 3, size=500)  # clusters 3..11 empty
     cs = np.stack([xs[start == j].mean(axis=0) for j in range(3)] + [np.zeros(8)] * 9)
     cs = cs.astype(np.float32)
     idx, _ = share(rank, world, 500, 0, 137)
-    scale = kmeans.fixed_point_scale(float(np.abs(xs).max()), 500)
-    lab, cen, n_empty = kmeans.split_empty_clusters_keyed(
+    scale = fixed_point_scale(float(np.abs(xs).max()), 500)
+    lab, cen, n_empty = split_empty_clusters_keyed(
         Ranks(ctx), xs[idx], idx, start[idx], cs, scale, seed=SEED
     )
     out["split"] = {"labels": dist.all_gather_labels(ctx, idx, lab, idx[:0], 500),
                     "centroids": cen, "n_empty": n_empty}  # fmt: skip
     if ctx.is_main:
-        out["split_ref"] = kmeans.split_empty_clusters(xs, start, cs, np.random.default_rng(SEED))
+        out["split_ref"] = split_empty_clusters(xs, start, cs, np.random.default_rng(SEED))
 
     # PCA fitted on a sample of about PCA_CAP rows of every rank, gathered to rank 0.
-    kmeans.PCA_FIT_MAX_ROWS = PCA_CAP  # this spawned process only
+    pca.PCA_FIT_MAX_ROWS = PCA_CAP  # this spawned process only
     sampled: list[int] = []
     real_gather_rows = dist.gather_rows
 
@@ -125,9 +129,9 @@ def _worker(rank: int, world: int) -> dict:
     dist.gather_rows = counting_gather_rows
     xl = low_rank()
     idx, _ = share(rank, world, N, 0, RANK0_ROWS)
-    pca = kmeans.fit_pca_on_sample(Ranks(ctx), idx, xl[idx], N, 3, True, SEED)
+    fitted = pca.fit_pca_on_sample(Ranks(ctx), idx, xl[idx], N, 3, True, SEED)
     dist.gather_rows = real_gather_rows
-    out["pca"] = {"mean": pca.mean, "proj": pca.proj, "sampled": sampled}
+    out["pca"] = {"mean": fitted.mean, "proj": fitted.proj, "sampled": sampled}
 
     # A sample labeled twice and one never: every rank raises, naming both.
     shares = {1: [[0, 1, 2, 4, 4, 3]], 2: [[0, 1, 2, 4], [4, 3]], 3: [[0, 1], [2, 4], [4, 3]]}
@@ -166,7 +170,7 @@ def test_sharded_assignments_equal_gather_mode(world2: list[dict]) -> None:
     # The comparison means something: the 10 iterations moved many points away from the
     # assignment to the initial centroids, and the clustering found the blobs.
     x, truth = blobs()
-    one_step = kmeans.cluster_features(x, K, PCA_DIM, niter=1, seed=SEED, use_gpu=False)
+    one_step = kmeans.cluster_features(x, dataclasses.replace(BLOBS, niter=1), SEED)
     kept = sharded["labels"] >= 0
     assert (one_step.labels[kept] != sharded["labels"][kept]).mean() > 0.01
     assert nmi(truth[kept], sharded["labels"][kept]) > 0.8
@@ -221,7 +225,7 @@ def test_split_on_distinct_points_equals_gather_mode_split(world2: list[dict]) -
 
 def test_pca_fitted_on_a_sample_is_close_to_the_full_pca(world2: list[dict]) -> None:
     x = low_rank()
-    full = kmeans.fit_pca(x, 3, whiten=True)  # every row (3000 < 200k)
+    full = pca.fit_pca(x, 3, whiten=True)  # every row (3000 < 200k)
     rank0, rank1 = (r["pca"] for r in world2)
     # About PCA_CAP of the 3000 rows were sent to rank 0 (binomial: +-4 sigma), not all.
     (sampled,) = rank0["sampled"]

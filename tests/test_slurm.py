@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import submitit
-from limits import limit
 from slurm_cluster import SlurmCluster
 
 from cluster_pipeline.run import checkpoint
-from cluster_pipeline.run.tracking import read_wandb_history
+from cluster_pipeline.run.wandb_file import read_wandb_history
+from cluster_pipeline.testing.limits import limit
 
 pytestmark = pytest.mark.slurm
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from multiproc import run_ranks
 from test_e2e import cli
 
 from cluster_pipeline import dist
@@ -26,9 +25,11 @@ from cluster_pipeline.config import load_config, to_yaml
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
-from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import build_model
+from cluster_pipeline.models.weights import load_weights, model_state
 from cluster_pipeline.run.setup import open_data_and_model
+from cluster_pipeline.testing.multiproc import run_ranks
 
 CONFIG = "configs/digits_test.yaml"
 PAIRS = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]

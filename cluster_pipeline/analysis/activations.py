@@ -20,7 +20,7 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,13 @@ from PIL import Image, ImageDraw
 
 from cluster_pipeline import dist
 from cluster_pipeline.clustering import kmeans, metrics
+from cluster_pipeline.clustering.exact import squared_distances
+from cluster_pipeline.clustering.pca import project
 from cluster_pipeline.config import Config, ConfigError, validate_k
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
-from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.models.layers import LayerTaps
+from cluster_pipeline.models.weights import load_weights, model_state
 from cluster_pipeline.run.rundir import prepare_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 
@@ -69,13 +72,9 @@ def cluster_layer(layer: str, feats: np.ndarray, rows: np.ndarray, cfg: Config) 
     c = cfg.cluster
     pca_dim = min(c.pca_dim, feats.shape[1], len(feats))
     seed = cfg.train.seed
-    clusters = kmeans.cluster_features(
-        feats, c.k, pca_dim, c.whiten, c.l2_normalize, c.niter, seed=seed,
-        max_points_per_centroid=c.max_points_per_centroid, split_eps=c.split_eps,
-        use_gpu=c.use_gpu, index=rows,
-    )  # fmt: skip
-    x = kmeans.project(feats, clusters.pca, c.l2_normalize)
-    sq = kmeans.squared_distances(x, clusters.centroids, clusters.labels).astype(np.float32)
+    clusters = kmeans.cluster_features(feats, replace(c, pca_dim=pca_dim), seed, index=rows)
+    x = project(feats, clusters.pca, c.l2_normalize)
+    sq = squared_distances(x, clusters.centroids, clusters.labels).astype(np.float32)
     return LayerClusters(layer, feats.shape[1], pca_dim, rows, clusters.labels, sq, clusters.loss)
 
 

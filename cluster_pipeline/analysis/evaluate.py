@@ -28,7 +28,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,9 @@ from cluster_pipeline.clustering.metrics import ari, nmi
 from cluster_pipeline.config import Config, ConfigError
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
-from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet
+from cluster_pipeline.models.weights import load_weights, model_state
 from cluster_pipeline.run.rundir import prepare_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 
@@ -220,9 +221,8 @@ def score_embedding(
                     e.knn_temperature, e.batch_size, ctx.device)  # fmt: skip
     knn_s = time.monotonic() - t0
     pca_dim = min(c.pca_dim, x_test.shape[1], len(x_test)) if c.pca_dim else 0
-    clustering = cluster_features(x_test, num_classes, pca_dim, c.whiten, c.l2_normalize,
-                                  c.niter, cfg.train.seed, c.max_points_per_centroid,
-                                  c.split_eps, c.use_gpu, test.gathered.index)  # fmt: skip
+    clustering = cluster_features(x_test, replace(c, k=num_classes, pca_dim=pca_dim),
+                                  cfg.train.seed, test.gathered.index)  # fmt: skip
     log.info("knn top-1 %.4f (k=%d); NMI of k-means (k=%d) on the test split %.4f", top1,
              e.knn_k, num_classes, nmi(clustering.labels, test_y))  # fmt: skip
     return {

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 
 from cluster_pipeline import dist
-from cluster_pipeline.clustering import kmeans
+from cluster_pipeline.clustering.exact import squared_distance_sum
+from cluster_pipeline.clustering.search import assign, faiss_kmeans
+from cluster_pipeline.clustering.split import split_empty_clusters
 from cluster_pipeline.config import Config, ConfigError
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import for_each_batch
-from cluster_pipeline.models.layers import load_weights, model_state
 from cluster_pipeline.models.nets import ClusterNet
+from cluster_pipeline.models.weights import load_weights, model_state
 from cluster_pipeline.run.rundir import prepare_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.training.checkpoints import head_of
@@ -161,10 +163,10 @@ def cluster_columns(
     best: tuple[float, np.ndarray] | None = None
     for r in range(restarts):
         labels, centroids = _one_run(x, groups, method, seed + r, niter, batch_size)
-        labels, centroids, _ = kmeans.split_empty_clusters(
+        labels, centroids, _ = split_empty_clusters(
             x, labels, centroids, np.random.default_rng(seed + r)
         )
-        objective = kmeans.squared_distance_sum(x, centroids, labels)
+        objective = squared_distance_sum(x, centroids, labels)
         if best is None or objective < best[0]:
             best = (objective, labels)
     assert best is not None
@@ -175,8 +177,8 @@ def _one_run(
     x: np.ndarray, groups: int, method: str, seed: int, niter: int, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     if method == "kmeans":
-        centroids, _ = kmeans.kmeans(x, groups, niter, seed, max_points_per_centroid=len(x))
-        labels = kmeans.assign(x, centroids)
+        centroids, _ = faiss_kmeans(x, groups, niter, seed, max_points_per_centroid=len(x))
+        labels = assign(x, centroids)
         return labels, centroids
     from sklearn.cluster import MiniBatchKMeans
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster_pipeline import dist
-from cluster_pipeline.clustering import kmeans
+from cluster_pipeline.clustering import kmeans, pca
+from cluster_pipeline.clustering.search import GpuSearch, num_gpus
+from cluster_pipeline.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class Shard:
 
 @dataclass(frozen=True)
 class Ranks:
-    """`kmeans.Holders` over the ranks of a process group: each method is a collective."""
+    """`holders.Holders` over the ranks of a process group: each method is a collective."""
 
     ctx: dist.DistContext
 
@@ -55,40 +57,32 @@ class Ranks:
 
     def fit_pca(
         self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
-    ) -> kmeans.PCA:
+    ) -> pca.PCA:
         """The rows sent to rank 0 (sorted by sample index there), fitted, and the PCA
         broadcast: no rank fits its own."""
         sample = dist.gather_rows(self.ctx, index, rows)
 
-        def fit() -> kmeans.PCA:
+        def fit() -> pca.PCA:
             assert sample is not None
-            return kmeans.fit_pca(sample[1], dim, whiten=whiten, seed=seed, exact=exact)
+            return pca.fit_pca(sample[1], dim, whiten=whiten, seed=seed, exact=exact)
 
         fitted = dist.on_rank0(self.ctx, fit)
         d = rows.shape[1]
         mean = dist.broadcast_float32(self.ctx, None if fitted is None else fitted.mean, (d,))
         proj = dist.broadcast_float32(self.ctx, None if fitted is None else fitted.proj, (d, dim))
-        return kmeans.PCA(mean=mean, proj=proj, exact=exact)
+        return pca.PCA(mean=mean, proj=proj, exact=exact)
 
 
 def cluster_shard(
-    ctx: dist.DistContext,
-    shard: Shard,
-    k: int,
-    pca_dim: int = 256,
-    whiten: bool = True,
-    l2: bool = True,
-    niter: int = 20,
-    seed: int = 0,
-    max_points_per_centroid: int = 256,
-    split_eps: float = 1e-4,
-    use_gpu: bool = True,
+    ctx: dist.DistContext, shard: Shard, c: ClusterConfig, seed: int
 ) -> kmeans.Clustering:
     """The clustering step of a DeepCluster epoch on features that stay on their rank.
 
     Returns this rank's rows' labels (row j: sample shard.index[j]), and the centroids, loss
     and number of empty clusters before the split, identical on every rank; spread the labels
-    with `dist.all_gather_labels`. Collective: call on every rank.
+    with `dist.all_gather_labels`. `c.use_gpu`: search on this rank's own GPU.
+
+    Collective: call on every rank.
     """
     counts = dist.all_gather_counts(ctx, len(shard.index))
     skips = dist.all_gather_counts(ctx, len(shard.skipped))
@@ -98,12 +92,7 @@ def cluster_shard(
             f"extraction produced {n} rows (per rank {counts}) and skipped {sum(skips)} for "
             f"{shard.num_samples} samples"
         )
-    if k > n:
-        raise ValueError(f"k={k} but only {n} samples were extracted; lower cluster.k")
     gpu = None
-    if use_gpu and ctx.device.type == "cuda" and kmeans.num_gpus() > 0:
-        gpu = kmeans.GpuSearch(ctx.device.index or 0)  # this rank's GPU only
-    return kmeans.cluster(
-        Ranks(ctx), shard.index, shard.feats, k, pca_dim, whiten, l2, niter, seed,
-        max_points_per_centroid, split_eps, gpu,
-    )  # fmt: skip
+    if c.use_gpu and ctx.device.type == "cuda" and num_gpus() > 0:
+        gpu = GpuSearch(ctx.device.index or 0)  # this rank's GPU only
+    return kmeans.cluster(Ranks(ctx), shard.index, shard.feats, c, seed, gpu)

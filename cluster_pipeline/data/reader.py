@@ -1,33 +1,25 @@
-"""Reading samples from the shards: exactly-once partitions for extraction, random access for
-training.
+"""Reading samples from the shards: the index checked against them, and one sample at a time.
 
-Both paths read through the offsets in samples.npy with one `pread` per sample (tar header +
-image bytes), check the tar header names the expected sample's image, and decode it strictly
-(`decode.decode_into`: damage is an error, never pixels) into fixed-size uint8 arrays. Workers
-build whole batches in shared memory, so the main process receives one buffer per batch. A
-sample that cannot be read is a SampleError naming the shard, the key and the original file;
-with `skip_errors` a batch leaves it out and reports it, so one bad image costs one sample, not
-the batch or the run.
+Every read goes through the offsets in samples.npy with one `pread` per sample (tar header +
+image bytes), checks the tar header names the expected sample's image (`tar_names`), and
+decodes it strictly (`decode.decode_into`: damage is an error, never pixels) into fixed-size
+uint8 arrays. A sample that cannot be read is a SampleError naming the shard, the key and the
+original file; `read_batch_skipping` leaves it out and reports it, so one bad image costs one
+sample, not the batch or the run. `loader` builds the batches of a rank from these reads.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from cluster_pipeline.clustering.kmeans import SALT_SPLIT, sample_keys
+from cluster_pipeline.clustering.keys import SALT_SPLIT, sample_keys
 from cluster_pipeline.data.decode import IMAGE_EXTS, DecodeError, Mode, decode_into
 from cluster_pipeline.data.shards import (
     FINGERPRINT_BYTES,
@@ -36,10 +28,9 @@ from cluster_pipeline.data.shards import (
     SAMPLES_FILE,
     shard_fingerprint,
 )
+from cluster_pipeline.data.tar_names import TAR_HEADER, header_name, names_member
 
 log = logging.getLogger(__name__)
-
-TAR_HEADER = 512
 
 
 class ShardError(RuntimeError):
@@ -280,9 +271,9 @@ class SampleReader:
                 shard, i, f"truncated: the file ends at byte {os.fstat(fd).st_size}, before "
                 f"this sample's image ends at byte {offset + size}"
             )  # fmt: skip
-        header = raw[:100].split(b"\0", 1)[0]
+        header = header_name(raw)
         expected = self.index.names.member(i) if self.index.names else None
-        if not _names_member(header, i, expected):
+        if not names_member(header, i, expected):
             raise ShardError(
                 f"shard {self._path(shard)}: expected {self.index.describe(i)} at byte {offset}, "
                 f"found {header.decode(errors='replace')!r}; the shard changed since its index "
@@ -335,164 +326,3 @@ class SampleReader:
         keep = np.ones(len(indices), dtype=bool)
         keep[bad] = False
         return indices[keep], out[keep], indices[~keep], reasons
-
-
-def _names_member(header: bytes, sample_id: int, expected: str | None) -> bool:
-    """Whether a tar header's name field is that of the sample's image member. The field holds
-    100 bytes: a longer name is cut there and a non-ASCII one may be written as '?'s (pax and
-    GNU headers keep the whole name in a record of their own), and a ustar header keeps the
-    directory part in its prefix field."""
-    if expected is None:
-        return header.partition(b".")[0] == b"%09d" % sample_id
-    if not header:
-        return False
-    forms = (expected.encode("utf-8", "surrogateescape"), expected.encode("ascii", "replace"))
-    return any(form.startswith(header) or form.endswith(header) for form in forms)
-
-
-class Batch(NamedTuple):
-    """One loader item. `skipped` and `reasons` are empty unless the loader skips bad samples."""
-
-    indices: torch.Tensor  # (n,) int64 sample indices of `images`
-    images: torch.Tensor  # (n, H, W, C) uint8
-    skipped: torch.Tensor  # (m,) int64 samples of this batch that could not be read
-    reasons: list[str]  # per skipped sample: "shard <path>: sample <key>: <why>"
-
-
-# Batches a worker may have decoded ahead of the main process (DataLoader's prefetch_factor).
-PREFETCH_BATCHES = 4
-# Image buffers per worker, reused in turn: the prefetched batches, the one the main process
-# holds, and one spare.
-RING_SLOTS = PREFETCH_BATCHES + 2
-
-
-class BatchDataset(Dataset):
-    """Item j is the decoded batch `batches[j]`: one worker reads one whole batch.
-
-    In a worker the images are decoded into a ring of RING_SLOTS shared-memory buffers made
-    once, and `BatchLoader` keeps every buffer it received mapped in the main process, so
-    handing a batch over moves a file descriptor, not pages. A fresh shared buffer per batch
-    cost ~0.2 ms of CPU per 224-px image in page faults, mapping and unmapping (against ~0.4 ms
-    to decode it); the ring costs ~0.05 ms.
-    """
-
-    def __init__(
-        self, reader: SampleReader, batches: list[np.ndarray], skip_errors: bool = False
-    ) -> None:
-        self.reader = reader
-        self.batches = batches
-        self.skip_errors = skip_errors
-        self.rows = max((len(b) for b in batches), default=0)
-        self.ring: list[torch.Tensor] = []  # filled in each worker, on its first batch
-        self.served = 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, j: int) -> Batch:
-        idx = self.batches[j].astype(np.int64)
-        buf = self._images(len(idx))
-        if self.skip_errors:
-            idx, images, skipped, reasons = self.reader.read_batch_skipping(idx, buf.numpy())
-        else:
-            images, skipped, reasons = self.reader.read_batch(idx, buf.numpy()), idx[:0], []
-        # `images` is buf's memory unless bad samples were dropped (then a smaller copy).
-        tensor = buf if len(images) == len(buf) else torch.from_numpy(images)
-        return Batch(torch.from_numpy(idx), tensor, torch.from_numpy(skipped), reasons)
-
-    def _images(self, n: int) -> torch.Tensor:
-        """The batch's uint8 image tensor; in a loader worker, the next buffer of its ring."""
-        r = self.reader
-        shape = (self.rows, r.load_size, r.load_size, r.channels)
-        if n == 0 or get_worker_info() is None:
-            return torch.empty((n, *shape[1:]), dtype=torch.uint8)
-        if not self.ring:
-            self.ring = [_shared_uint8(shape) for _ in range(RING_SLOTS)]
-        slot = self.ring[self.served % RING_SLOTS]
-        self.served += 1
-        return slot[:n]
-
-
-def _shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor in shared memory from the start: one allocated privately would be copied into
-    shared memory each time it is sent."""
-    empty = torch.empty(0, dtype=torch.uint8)
-    storage = empty._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return empty.new(storage).view(shape)
-
-
-class BatchLoader:
-    """A DataLoader over `BatchDataset` that keeps the workers' ring buffers mapped.
-
-    A batch's `images` stay valid until RING_SLOTS - 1 further batches of the same worker
-    have arrived: copy them (to the device, to float) before then, as extraction and training
-    do at once. Holding the last RING_SLOTS batches of every worker keeps each buffer mapped
-    in this process, so torch reuses the mapping instead of mapping and faulting it again.
-    """
-
-    def __init__(self, loader: DataLoader, workers: int) -> None:
-        self.loader = loader
-        self.held: collections.deque[Batch] = collections.deque(
-            maxlen=RING_SLOTS * max(1, workers)
-        )
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Batch]:
-        try:
-            for batch in self.loader:
-                if self.loader.num_workers:
-                    self.held.append(batch)
-                yield batch
-        finally:
-            self.held.clear()
-
-
-def batch_loader(
-    reader: SampleReader,
-    indices: np.ndarray,
-    batch_size: int,
-    num_workers: int,
-    timeout_s: float = 0,
-    skip_errors: bool = False,
-) -> BatchLoader:
-    """Batches (`Batch`: sample indices, uint8 NHWC images, skipped) in order, one per worker.
-
-    A sample that cannot be read (SampleError) stops the loader, or with `skip_errors` is left
-    out of its batch and reported in `skipped` and `reasons`, from worker to main process.
-
-    The DataLoader hands each item to exactly one worker, so within a rank every index in
-    `indices` is read exactly once whatever the number of workers. Workers come from a
-    forkserver: forking a rank that runs gloo, tqdm and OpenMP threads can deadlock the child
-    (CPython gh-112275), which would stall every rank until the collective timeout. A batch that
-    takes more than `timeout_s` (0: no limit) is an error rather than a silent stall.
-    """
-    batches = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
-    workers: dict = {}
-    if num_workers > 0:
-        torch.multiprocessing.set_forkserver_preload(["torch", __name__])
-        workers = {
-            "multiprocessing_context": "forkserver",
-            "prefetch_factor": PREFETCH_BATCHES,
-            "timeout": timeout_s,
-        }
-    loader = DataLoader(
-        BatchDataset(reader, batches, skip_errors),
-        batch_size=None,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        **workers,
-    )
-    return BatchLoader(loader, num_workers)
-
-
-def rank_partition(num_samples: int, rank: int, world: int) -> np.ndarray:
-    """This rank's contiguous slice of 0..N-1 for extraction; slices of all ranks tile 0..N-1.
-
-    Splitting by sample rather than by shard balances ranks whatever the shard count, and a rank
-    whose slice is empty simply reads nothing.
-    """
-    lo, hi = rank * num_samples // world, (rank + 1) * num_samples // world
-    return np.arange(lo, hi, dtype=np.int64)

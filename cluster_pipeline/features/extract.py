@@ -18,14 +18,11 @@ from tqdm import tqdm
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config
 from cluster_pipeline.data.augment import center_crop, to_float
-from cluster_pipeline.data.reader import (
-    SampleReader,
-    ShardError,
-    batch_loader,
-    rank_partition,
-)
-from cluster_pipeline.models.layers import LayerTaps, load_weights, model_state
+from cluster_pipeline.data.loader import batch_loader, rank_partition
+from cluster_pipeline.data.reader import SampleReader, ShardError
+from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet
+from cluster_pipeline.models.weights import load_weights, model_state
 from cluster_pipeline.run.rundir import prepare_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 

@@ -116,8 +116,9 @@ def save_atomic(state: dict[str, Any], path: Path, keep: int = 2) -> None:
         old.unlink(missing_ok=True)
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True: tensors, numbers, strings and containers, never code."""
+def load(path: str | Path) -> Any:
+    """Load with weights_only=True: tensors, numbers, strings and containers, never code. The
+    one loader of the package: run checkpoints, and any weights file a command is given."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

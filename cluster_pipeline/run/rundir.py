@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config, to_yaml
-from cluster_pipeline.run.tracking import setup_logging
+from cluster_pipeline.run.logs import setup_logging
 
 
 def prepare_run_dir(cfg: Config, ctx: dist.DistContext, sub: str = "") -> Path:

@@ -37,14 +37,9 @@ from cluster_pipeline.config import (
 )
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
-from cluster_pipeline.models.layers import (
-    LayerTaps,
-    check_pool_rule,
-    load_weights,
-    model_state,
-    saved_config_text,
-)
+from cluster_pipeline.models.layers import LayerTaps, check_pool_rule
 from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.models.weights import load_weights, model_state, saved_config_text
 from cluster_pipeline.run.setup import model_on_device
 from cluster_pipeline.training.position import PhaseTimer
 from cluster_pipeline.training.pseudo_labels import Extracted, pseudo_labels

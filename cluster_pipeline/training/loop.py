@@ -14,10 +14,11 @@ from typing import Any
 
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config
+from cluster_pipeline.run.metrics_file import read_metrics
+from cluster_pipeline.run.report import write_report
 from cluster_pipeline.run.rundir import prepare_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.run.tracking import read_metrics, write_report
 from cluster_pipeline.training.seeding import Stream, stream_seed
 from cluster_pipeline.training.session import Session, open_session
 from cluster_pipeline.training.step import EpochTotals, train_one_epoch

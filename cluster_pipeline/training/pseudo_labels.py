@@ -53,11 +53,7 @@ class Gather:
 def _cluster_gathered(gathered: dist.Gathered, c: ClusterConfig, seed: int) -> kmeans.Clustering:
     """Rank 0's clustering of all features read; samples skipped as unreadable get label -1
     (the sampler never draws them)."""
-    clusters = kmeans.cluster_features(
-        gathered.feats, c.k, c.pca_dim, c.whiten, c.l2_normalize, c.niter, seed=seed,
-        max_points_per_centroid=c.max_points_per_centroid, split_eps=c.split_eps,
-        use_gpu=c.use_gpu, index=gathered.index,
-    )  # fmt: skip
+    clusters = kmeans.cluster_features(gathered.feats, c, seed, index=gathered.index)
     return dataclasses.replace(clusters, labels=gathered.per_sample(clusters.labels))
 
 
@@ -73,10 +69,7 @@ class Sharded:
 
     def cluster(self, placed: object, c: ClusterConfig, seed: int) -> kmeans.Clustering | None:
         assert isinstance(placed, Shard)
-        return cluster_shard(
-            self.ctx, placed, c.k, c.pca_dim, c.whiten, c.l2_normalize, c.niter, seed,
-            c.max_points_per_centroid, c.split_eps, c.use_gpu,
-        )  # fmt: skip
+        return cluster_shard(self.ctx, placed, c, seed)
 
     def labels(self, clusters: kmeans.Clustering | None, placed: object, n: int) -> np.ndarray:
         assert isinstance(placed, Shard) and clusters is not None

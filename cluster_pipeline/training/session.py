@@ -16,8 +16,9 @@ from cluster_pipeline.config import Config, ConfigError, to_dict, to_yaml
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.run import checkpoint
+from cluster_pipeline.run.metrics_file import truncate_metrics
 from cluster_pipeline.run.stop import StopFlag
-from cluster_pipeline.run.tracking import Tracker, truncate_metrics
+from cluster_pipeline.run.tracking import Tracker
 from cluster_pipeline.training.checkpoints import upgrade
 from cluster_pipeline.training.position import Position
 from cluster_pipeline.training.saving import Checkpointer, SavePolicy, StopCoordinator

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config, per_rank_batch_size
 from cluster_pipeline.data.augment import center_crop, random_resized_crop, to_float
-from cluster_pipeline.data.reader import batch_loader
+from cluster_pipeline.data.loader import batch_loader
 from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
 from cluster_pipeline.features.extract import as_layout
 from cluster_pipeline.training.seeding import Stream, seed_step, stream_seed
