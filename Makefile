@@ -28,16 +28,24 @@ demo-shards: data/mnist5k/index.json
 demo: data/mnist5k/index.json
 	$(PY) -m launch.local --nproc $(NPROC) train --config configs/demo_mnist.yaml
 
-# Submit to SLURM through submitit (launch/slurm.py). Every variable is optional and overrides
-# the config's slurm section: NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK MEM_GB TIME
-# (minutes) PARTITION ACCOUNT QOS CONSTRAINT SIGNAL_DELAY_S MAX_TIMEOUTS; RUN_DIR names the run
-# directory; RESUME=<run dir> resubmits a run from its last checkpoint; OVERRIDES="k=v ...".
-CONFIG ?= configs/demo_mnist.yaml
+# Submit a command to SLURM through submitit (cluster_pipeline/launcher/slurm.py): COMMAND is
+# train (default), train-supervised, pretrain-rotnet, clusterfit, extract, evaluate, activations or
+# specialists; ARGS holds that command's own options, as `cluster-pipeline COMMAND` takes them,
+# e.g. ARGS="--pretrained runs/r/checkpoints/epoch-0030.pt" or ARGS="--checkpoint CKPT --layers
+# block2". CONFIG is passed as --config (default configs/demo_mnist.yaml for the commands that
+# need one; clusterfit, evaluate, activations and specialists read their weights' saved config
+# unless CONFIG is given). Every other variable is optional and overrides the config's slurm
+# section: NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK MEM_GB TIME (minutes) PARTITION
+# ACCOUNT QOS CONSTRAINT SIGNAL_DELAY_S MAX_TIMEOUTS; RUN_DIR names the run directory;
+# OVERRIDES="k=v ...". RESUME=<run dir> resubmits a training run from its last checkpoint with
+# its saved config, as the command it was launched with (or COMMAND, when given).
+COMMAND ?= train
+CONFIG ?= $(if $(filter train train-supervised pretrain-rotnet extract,$(COMMAND)),configs/demo_mnist.yaml)
 SLURM_VARS := NODES=nodes GPUS_PER_NODE=gpus_per_node TASKS_PER_NODE=tasks_per_node \
 	CPUS_PER_TASK=cpus_per_task MEM_GB=mem_gb TIME=timeout_min PARTITION=partition \
 	ACCOUNT=account QOS=qos CONSTRAINT=constraint SIGNAL_DELAY_S=signal_delay_s \
 	MAX_TIMEOUTS=max_num_timeout
-LAUNCH_ARGS = $(if $(RESUME),--resume $(RESUME),--config $(CONFIG)) \
+LAUNCH_ARGS = $(if $(RESUME),--resume $(RESUME) $(if $(filter-out file,$(origin COMMAND)),$(COMMAND)),$(COMMAND) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)) \
 	$(foreach v,$(SLURM_VARS),$(if $($(firstword $(subst =, ,$(v)))),slurm.$(lastword $(subst =, ,$(v)))=$($(firstword $(subst =, ,$(v)))))) \
 	$(if $(RUN_DIR),run.dir=$(RUN_DIR)) $(OVERRIDES)
 

@@ -1,4 +1,4 @@
-"""Gather: rank 0's peak memory during `dist.gather_features`, and its time per GB.
+"""Gather: rank 0's peak memory during `gather_features`, and its time per GB.
 
 Two gloo ranks (spawned processes with torchrun's environment) each hold their share of an
 N x d float32 feature matrix, as `extract_features` leaves it, and call `gather_features`.
@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.distributed as tdist
 
 from bench.common import provenance, publish, table
 from cluster_pipeline import dist
 from cluster_pipeline.data.loader import rank_partition
+from cluster_pipeline.features import gather
 from cluster_pipeline.testing.multiproc import run_ranks
 
 SECTION = "## Gather (dist.gather_features, rank 0's memory and time)"
@@ -45,7 +44,7 @@ def reset_peak() -> None:
 
 
 def rank_main(rank: int, world: int, n: int, d: int, repeats: int) -> dict:
-    ctx = dist.init_distributed(timeout_s=600, heartbeat_timeout_s=0)
+    ctx = dist.init_distributed(timeout_s=600, heartbeat_timeout_s=0)  # left by run_ranks
     index = rank_partition(n, rank, world)
     feats = np.empty((len(index), d), dtype=np.float32)
     feats[:] = np.arange(d, dtype=np.float32)  # touch every page
@@ -56,25 +55,24 @@ def rank_main(rank: int, world: int, n: int, d: int, repeats: int) -> dict:
         base = _status_kib("VmRSS")
         reset_peak()
         start = time.perf_counter()
-        gathered = dist.gather_features(ctx, index, feats, n)
+        gathered = gather.gather_features(ctx, index, feats, n)
         seconds = time.perf_counter() - start
         peak = _status_kib("VmHWM")
         if gathered is not None:
             assert np.array_equal(gathered.feats[:, 0], np.arange(n, dtype=np.float32))
         del gathered
         runs.append({"seconds": seconds, "base_kib": base, "peak_kib": peak})
-    # The floor: rank 1's share as bare send/recv of tensors that already exist.
+    # The floor: rank 1's share as one bare send/recv of the whole array.
     src = 1 % world
     share = len(rank_partition(n, src, world))
-    buf = torch.from_numpy(feats) if rank == src else torch.empty((share, d))
     bare = []
     for _ in range(repeats):
         dist.barrier(ctx)
         start = time.perf_counter()
         if world > 1 and rank == src:
-            tdist.send(buf, dst=0)
+            dist.send(ctx, feats, dst=0)
         elif world > 1 and rank == 0:
-            tdist.recv(buf, src=src)
+            dist.recv(ctx, (share, d), np.float32, src)
         bare.append(time.perf_counter() - start)
     dist.barrier(ctx)
     return {"runs": runs, "bare": bare, "share_rows": share, "own_rows": len(index)}
@@ -135,13 +133,13 @@ def report(n: int, d: int, ranks: list[dict], args: argparse.Namespace, runtime:
     out += [
         f"- 2 ranks spawned with torchrun's environment (gloo, localhost TCP), one thread "
         f"each; rank r holds rows `rank_partition(N, r, 2)` of an {n:,} x {d} float32 matrix, "
-        f"every page touched, and calls `dist.gather_features(ctx, index, feats, N)` "
+        f"every page touched, and calls `gather_features(ctx, index, feats, N)` "
         f"{args.repeats} times; rank 0 checks every row landed at its sample.",
         "- Peak: `/proc/self/clear_refs` ← 5 resets VmHWM to the current RSS just before the "
         "call, VmHWM is read right after it, minus VmRSS before: the most rank 0 ever held "
         "beyond what it held on entry (its share included in that base), counting numpy, torch "
         "and gloo allocations alike. The result is freed between runs.",
-        f"- Chunk size `dist.GATHER_CHUNK_BYTES` = {dist.GATHER_CHUNK_BYTES >> 20} MiB.",
+        f"- Chunk size `GATHER_CHUNK_BYTES` = {gather.GATHER_CHUNK_BYTES >> 20} MiB.",
         "- Time: the headline is the best run. The first run in a fresh process is slower "
         "on this machine (a VM) because writing memory the process has never touched makes "
         "the host back it: a plain `np.empty(2**28, float32)[:] = 1` takes 1.6 s the first "

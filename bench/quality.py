@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def single_process_env() -> None:
-    """Drop torchrun's variables so `dist.init_distributed()` here is a world of one."""
+    """Drop torchrun's variables so `dist.init_distributed` here is a world of one."""
     for var in DIST_VARS:
         os.environ.pop(var, None)
 
@@ -370,7 +370,7 @@ def report(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     single_process_env()
-    ctx = dist.init_distributed()
+    ctx = dist.init_distributed(timeout_s=600, heartbeat_timeout_s=0)  # a world of one
     if ctx.distributed:
         raise SystemExit("bench.quality must run as one process; RANK/WORLD_SIZE are still set")
     t0 = time.perf_counter()

@@ -74,7 +74,7 @@ def test_confusion(weights: Path, shards: str) -> tuple[np.ndarray, list[str]]:
     overrides = [f"data.shards={shards}", "data.split=test", "data.num_workers=0",
                  "run.progress=false"]  # fmt: skip
     cfg = config_for_weights(None, str(weights), overrides)
-    ctx = dist.init_distributed()
+    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
     index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
     load_weights(model, model_state(weights), str(weights))
     with LayerTaps(model, ["head"]) as taps:

@@ -8,13 +8,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster_pipeline import dist
 from cluster_pipeline.analysis.activations import comparison_table, run_activations
 from cluster_pipeline.analysis.evaluate import format_table, run_evaluate
 from cluster_pipeline.analysis.specialists import COLUMNS, METHODS, run_specialists
-from cluster_pipeline.config import Config, ConfigError, load_config, validate_config
+from cluster_pipeline.config import Config, ConfigError, load_config
 from cluster_pipeline.data.class_values import CLASS_FROM
 from cluster_pipeline.data.imagefolder import tree_summary
 from cluster_pipeline.data.index_shards import index_shards
@@ -28,6 +29,7 @@ from cluster_pipeline.run.logs import log_error_to_files
 from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.training.clusterfit import clusterfit_config
 from cluster_pipeline.training.methods import (
+    Requeue,
     run_clusterfit,
     run_deepcluster,
     run_rotnet,
@@ -53,75 +55,92 @@ def cmd_index(args: argparse.Namespace) -> None:
     print(index_shards(args.shards, args.out, args.class_from).summary)
 
 
-def cmd_extract(args: argparse.Namespace) -> None:
+# The commands below run from a config: each has a function that resolves it from the
+# command's arguments and one that runs the command with it.
+RunCommand = Callable[[argparse.Namespace, Config, StopFlag, Requeue | None], Path | None]
+
+
+def config_file(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_extract(
+    args: argparse.Namespace, cfg: Config, flag: StopFlag, requeue: Requeue | None
+) -> Path | None:
     layers = [name for name in (args.layers or "").split(",") if name]
-    cfg = load_config(args.config, args.overrides)
     folder = run_extract(cfg, args.checkpoint, args.out, layers, args.pool)
     if folder is not None:
         print(f"wrote features to {folder}")
+    return folder
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    training(run_deepcluster, load_config(args.config, args.overrides))
-
-
-def cmd_supervised(args: argparse.Namespace) -> None:
-    training(run_supervised, load_config(args.config, args.overrides))
-
-
-def cmd_rotnet(args: argparse.Namespace) -> None:
-    training(run_rotnet, load_config(args.config, args.overrides))
-
-
-def cmd_clusterfit(args: argparse.Namespace) -> None:
+def clusterfit_args_config(args: argparse.Namespace) -> Config:
     cfg = clusterfit_config(args.config, args.pretrained, args.overrides)
     if args.layer is not None:
         cfg.clusterfit.layer = args.layer
     if args.pool is not None:
         cfg.clusterfit.pool = args.pool
-    training(run_clusterfit, cfg)
+    return cfg
 
 
-def training(run: Callable[[Config, StopFlag], Path], cfg: Config) -> None:
-    """A training command that stops cleanly on a signal and resumes on a re-run."""
-    flag = StopFlag()
-    flag.install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, then exit 75
-    run_dir = run(cfg, flag)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run directory: {run_dir}\nreport: {run_dir / 'report.png'}")
+def training(run: Callable[[Config, StopFlag, Requeue | None], Path]) -> RunCommand:
+    """A training command: `run` checkpoints and stops on `flag`, then calls `requeue`."""
+
+    def run_training(
+        args: argparse.Namespace, cfg: Config, flag: StopFlag, requeue: Requeue | None
+    ) -> Path:
+        run_dir = run(cfg, flag, requeue)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"run directory: {run_dir}\nreport: {run_dir / 'report.png'}")
+        return run_dir
+
+    return run_training
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def evaluate_config(args: argparse.Namespace) -> Config:
     if args.checkpoint is None and args.config is None:
         raise ConfigError("evaluate needs --checkpoint, or --config to evaluate a random init")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     if args.checkpoint is not None:
-        cfg = config_for_weights(args.config, args.checkpoint, args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
+        return config_for_weights(args.config, args.checkpoint, args.overrides)
+    return load_config(args.config, args.overrides)
+
+
+def cmd_evaluate(
+    args: argparse.Namespace, cfg: Config, flag: StopFlag, requeue: Requeue | None
+) -> Path | None:
     layers = [name for name in (args.layers or "").split(",") if name]
     weights = None if args.random_init else args.checkpoint
     result = run_evaluate(cfg, weights, layers, args.out)
-    if result is not None:
-        folder, report = result
-        print(format_table(report))
-        print(f"evaluation: {folder / 'evaluation.json'} ({report['seconds']:.1f} s)")
+    if result is None:
+        return None
+    folder, report = result
+    print(format_table(report))
+    print(f"evaluation: {folder / 'evaluation.json'} ({report['seconds']:.1f} s)")
+    return folder
 
 
-def cmd_specialists(args: argparse.Namespace) -> None:
+def specialists_config(args: argparse.Namespace) -> Config:
     overrides = [*args.overrides, f"data.shards={args.shards}"]
     cfg = config_for_weights(args.config, args.checkpoint, overrides)
     if not any(item.startswith("run.dir=") for item in args.overrides):
         # A run checkpoint's config names its training run: never write into that one.
         cfg.run.dir, cfg.name = "", f"specialists-{cfg.name}"
+    return cfg
+
+
+def cmd_specialists(
+    args: argparse.Namespace, cfg: Config, flag: StopFlag, requeue: Requeue | None
+) -> Path | None:
     run_dir = run_specialists(cfg, args.checkpoint, args.groups, args.method, args.seed,
                               args.restarts, args.batch_size, args.columns)  # fmt: skip
     if run_dir is not None:
         print(f"wrote {run_dir / 'specialists.json'}, covariance.npy and covariance.png")
+    return run_dir
 
 
-def cmd_activations(args: argparse.Namespace) -> None:
+def activations_config(args: argparse.Namespace) -> Config:
     if args.layer and args.layers:
         raise ConfigError("give --layer NAME or --layers a,b,c, not both")
     if bool(args.checkpoint) == args.random_init:
@@ -142,13 +161,70 @@ def cmd_activations(args: argparse.Namespace) -> None:
         cfg.activations.pool = args.pool
     if args.k is not None:
         cfg.cluster.k = args.k
-    validate_config(cfg)
+    cfg.validate()
+    return cfg
+
+
+def cmd_activations(
+    args: argparse.Namespace, cfg: Config, flag: StopFlag, requeue: Requeue | None
+) -> Path | None:
     summaries = run_activations(cfg, args.checkpoint)
     if summaries is None:  # ranks other than 0
-        return
+        return None
     print(comparison_table(summaries), end="")
     for row in summaries:
         print(f"{row['layer']}: {row['html']}")
+    return Path(cfg.run.dir)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command that runs from a config. `config` resolves it from the command's arguments
+    first, so that their errors show before anything starts (the SLURM launcher submits that
+    config, with its slurm section); `run` then runs the command with it on every rank. A
+    training command (`trains`) writes a checkpoint and stops when `flag` catches a signal,
+    then calls `requeue` (the SLURM job's) on rank 0; the other commands ignore both."""
+
+    config: Callable[[argparse.Namespace], Config]
+    run: RunCommand
+    trains: bool = False
+
+
+# Every command that runs from a config, by name: the CLI and the SLURM job dispatch here.
+COMMANDS: dict[str, Command] = {
+    "extract": Command(config_file, cmd_extract),
+    "train": Command(config_file, training(run_deepcluster), trains=True),
+    "train-supervised": Command(config_file, training(run_supervised), trains=True),
+    "pretrain-rotnet": Command(config_file, training(run_rotnet), trains=True),
+    "clusterfit": Command(clusterfit_args_config, training(run_clusterfit), trains=True),
+    "evaluate": Command(evaluate_config, cmd_evaluate),
+    "specialists": Command(specialists_config, cmd_specialists),
+    "activations": Command(activations_config, cmd_activations),
+}
+# The commands that prepare data, with no config: they run where the data is, never launched.
+DATA_COMMANDS = ("make-shards", "index")
+
+
+def configured_command(name: str) -> Command:
+    """The command `name` runs from a config; a launcher's unknown name is a one-line error."""
+    if name in COMMANDS:
+        return COMMANDS[name]
+    if name in DATA_COMMANDS:
+        raise ConfigError(
+            f"{name} has no config to launch: run `cluster-pipeline {name} ...` on a machine "
+            f"that sees the data; the launcher runs {', '.join(COMMANDS)}"
+        )
+    raise ConfigError(f"unknown command {name!r}: the launcher runs {', '.join(COMMANDS)}")
+
+
+def run_configured(args: argparse.Namespace) -> None:
+    """`cluster-pipeline COMMAND` for a command of COMMANDS. Collective: call on every rank."""
+    command = COMMANDS[args.command]
+    cfg = command.config(args)
+    flag = StopFlag()
+    if command.trains:
+        flag.install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, then exit 75
+    command.run(args, cfg, flag, None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,12 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "key-prefix: the key's part before '_' (ImageNet synsets); none")  # fmt: skip
     p.set_defaults(func=cmd_index)
 
-    for name, func, text in (
-        ("extract", cmd_extract, "extract features of every sample exactly once"),
-        ("train", cmd_train, "train DeepCluster (resumes the run directory if it has checkpoints)"),
-        ("train-supervised", cmd_supervised, "train on the shards' true classes (resumes too)"),
-        ("pretrain-rotnet", cmd_rotnet, "RotNet: predict 0/90/180/270 degree rotations"),
-        ("clusterfit", cmd_clusterfit, "cluster a pretrained network's features once, then "
+    for name, text in (
+        ("extract", "extract features of every sample exactly once"),
+        ("train", "train DeepCluster (resumes the run directory if it has checkpoints)"),
+        ("train-supervised", "train on the shards' true classes (resumes too)"),
+        ("pretrain-rotnet", "RotNet: predict 0/90/180/270 degree rotations"),
+        ("clusterfit", "cluster a pretrained network's features once, then "
          "train a new network on the cluster labels"),
     ):  # fmt: skip
         p = sub.add_parser(name, help=text)
@@ -210,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
                 help="module to cluster the pooled output of (default: the embedding), e.g. block2",
             )
             p.add_argument("--pool", help="pooling of --layer: avg, max, grid:S, dims:D")
-        p.set_defaults(func=func)
 
     p = sub.add_parser(
         "evaluate", help="linear probe per layer, kNN and k-means NMI: train split vs test split"
@@ -225,8 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run>/eval/<checkpoint name> for a "
                    "run checkpoint, else runs/<config name>-eval-<time>)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. evaluate.pool=avg")
-    p.set_defaults(func=cmd_evaluate)
-
     p = sub.add_parser(
         "specialists",
         help="group classes for specialist models: k-means on the columns of the covariance of "
@@ -251,8 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256, help="columns per online update")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.split=train")
-    p.set_defaults(func=cmd_specialists)
-
     p = sub.add_parser(
         "activations",
         help="cluster a layer's activations: per-cluster purity and nearest images, NMI per layer",
@@ -265,7 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="number of clusters (sets cluster.k)")
     p.add_argument("--pool", help="spatial pooling: avg (default), max, grid:S, dims:D")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. activations.grid=6")
-    p.set_defaults(func=cmd_activations)
     return parser
 
 
@@ -294,7 +364,10 @@ def record_exit_status(status: int) -> None:
 def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        if args.command in COMMANDS:
+            run_configured(args)
+        else:
+            args.func(args)
     except (ConfigError, ShardError, SourceError, FileNotFoundError) as exc:
         log_error_to_files(str(exc))  # the rank's log ends with what went wrong, too
         print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)

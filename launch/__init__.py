@@ -1,2 +1,3 @@
-"""Launchers: local multi-rank runs (torchrun) and, later, submitit/SLURM. Imports cluster_pipeline,
-never the other way round."""
+"""Thin entry points, run from the repository root: `python -m launch.local` and
+`python -m launch.slurm`. The launch logic is cluster_pipeline.launcher; this folder is not
+installed (a generic top-level `launch` module in site-packages would shadow others)."""

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from cluster_pipeline.config import ConfigError, load_config, per_rank_batch_size
+from cluster_pipeline.launcher.job import check_job_shape
 from cluster_pipeline.testing.limits import limit
 from cluster_pipeline.testing.multiproc import kill_all, start_cli_ranks
-from launch.slurm import check_job_shape
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "digits_test.yaml")
@@ -24,6 +24,11 @@ CASES = {
     "k-above-n": ("cluster.k=5000", ["cluster.k=5000", "1797 samples"]),
     "pca-above-feature-dim": ("cluster.pca_dim=500", ["cluster.pca_dim=500", "dimension 128"]),
     "unknown-model": ("model.arch=vgg16", ["model.arch='vgg16' is unknown"]),
+    "unknown-mode": (
+        "cluster.mode=shared",
+        ["cluster.mode='shared' is unknown; use one of ('gather', 'sharded')"],
+    ),
+    "bad-pool": ("evaluate.pool=grid:0", ["evaluate.pool: pool rule 'grid:0' is unknown"]),
     "unknown-key": ("cluster.kk=5", ["cluster.kk"]),
     "bad-value-type": ("train.global_batch_size=lots", ["train.global_batch_size", "lots"]),
 }

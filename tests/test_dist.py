@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster_pipeline import dist
-from cluster_pipeline.config import Config, load_config
+from cluster_pipeline.config import Config, DistConfig, load_config
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.data.shards import write_shards
 from cluster_pipeline.data.sources import Source, digits_source
+from cluster_pipeline.features import gather
 from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.features.gather import broadcast_labels, gather_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.testing.multiproc import run_ranks
 
@@ -51,32 +53,32 @@ GATHER_SPLITS = {"uneven_7_300": 7, "rank1_empty": GATHER_N, "rank0_empty": 0}
 
 
 def _gather_worker(rank: int, world: int) -> dict:
-    ctx = dist.init_distributed()
+    ctx = dist.init_distributed(DistConfig.timeout_s, DistConfig.heartbeat_timeout_s)
     assert (ctx.rank, ctx.world) == (rank, world) and ctx.distributed
     perm, feats, labels = _gather_data()
     # 16 rows of 5 float32 per message: rank 1's 300 rows travel in 19 chunks, the last partial.
-    dist.GATHER_CHUNK_BYTES = 16 * 4 * GATHER_D
+    gather.GATHER_CHUNK_BYTES = 16 * 4 * GATHER_D
     recvs = []
-    real_recv = torch.distributed.recv
+    real_recv = dist.recv
 
-    def counting_recv(tensor, *args, **kwargs):
-        recvs.append(tuple(tensor.shape))
-        return real_recv(tensor, *args, **kwargs)
+    def counting_recv(ctx_, shape, dtype, src):
+        recvs.append(tuple(shape))
+        return real_recv(ctx_, shape, dtype, src)
 
-    torch.distributed.recv = counting_recv  # this spawned process only
+    dist.recv = counting_recv  # this spawned process only
     out: dict = {}
     for case, n0 in GATHER_SPLITS.items():
         recvs.clear()
         mine = perm[:n0] if rank == 0 else perm[n0:]
-        gathered = dist.gather_features(ctx, mine, feats[mine], GATHER_N)
+        gathered = gather_features(ctx, mine, feats[mine], GATHER_N)
         if gathered is not None:  # no sample skipped: row i is sample i
             np.testing.assert_array_equal(gathered.index, np.arange(GATHER_N))
             assert len(gathered.skipped) == 0
             gathered = gathered.feats
         labels_in = labels if rank == 0 else None
-        got = dist.broadcast_labels(ctx, labels_in, GATHER_N)
+        got = broadcast_labels(ctx, labels_in, GATHER_N)
         out[case] = {"gathered": gathered, "labels": got, "recvs": list(recvs)}
-    torch.distributed.recv = real_recv
+    dist.recv = real_recv
 
     # Sample 4 read twice and sample 5 never, with the right total: every rank must raise.
     bad_index = {0: np.array([0, 1, 2, 4], np.int64), 1: np.array([4, 3], np.int64)}[rank]
@@ -90,12 +92,12 @@ def _gather_worker(rank: int, world: int) -> dict:
         ("out_of_range", far_index, 5),
     ):
         try:
-            dist.gather_features(ctx, index, np.zeros((len(index), 3), np.float32), n)
+            gather_features(ctx, index, np.zeros((len(index), 3), np.float32), n)
             out[case] = "no error"
         except RuntimeError as exc:
             out[case] = str(exc)
     # The group still works after the failed gathers (no rank was left behind in a collective).
-    out["after_errors"] = dist.broadcast_labels(
+    out["after_errors"] = broadcast_labels(
         ctx, np.arange(3, dtype=np.int64) if rank == 0 else None, 3
     )
     return out
@@ -146,6 +148,135 @@ def test_gather_features_bad_indices_raise_on_every_rank(gather_results: list[di
 
 
 # ---------------------------------------------------------------------------------------------
+# The collectives: one core per operation, whatever the dtype, against the one-process result
+
+
+def _rank_values(rank: int) -> dict[str, np.ndarray]:
+    """Per dtype, rank `rank`'s array (rank r: r + 1 rows; a 0 x 3 float32 on rank 0)."""
+    rng = np.random.default_rng(rank)
+    return {
+        "int64": rng.integers(-(2**40), 2**40, (rank + 1, 3)),
+        "float64": rng.standard_normal((rank + 1, 3)),
+        "float32": rng.standard_normal((rank, 3)).astype(np.float32),
+    }
+
+
+def _collectives_worker(rank: int, world: int) -> dict:
+    ctx = dist.init_distributed(60, 0)
+    out: dict = {}
+    for name, values in _rank_values(rank).items():
+        same = np.resize(values.reshape(-1), 6).reshape(2, 3)  # a shape every rank shares
+        out["sum", name] = dist.all_reduce(ctx, same)
+        out["max", name] = dist.all_reduce(ctx, same, "max")
+        out["all_gather", name] = dist.all_gather(ctx, values)
+        out["gather", name] = dist.gather(ctx, values)
+    t = torch.arange(10, dtype=torch.float64) * (rank + 1)
+    dist.collectives.REDUCE_CHUNK = 3  # 4 messages of at most 3 elements; this process only
+    out["tensor"] = (dist.all_reduce(ctx, t) is t, t.numpy().copy())
+    mine = np.arange(6, dtype=np.int64).reshape(2, 3) if rank == 1 else None
+    out["broadcast"] = dist.broadcast(ctx, mine, (2, 3), np.int64, src=1)
+    buf = torch.full((4,), float(rank))
+    out["broadcast_tensor"] = dist.broadcast(ctx, buf).tolist()
+    out["string"] = dist.broadcast_string(ctx, "rüns/α" if rank == 0 else None)
+    out["counts"] = dist.all_gather_counts(ctx, 10 * rank)
+    return out
+
+
+@pytest.fixture(scope="module")
+def collective_results() -> list[dict]:
+    return run_ranks(2, _collectives_worker, timeout=90)
+
+
+def test_collectives_equal_the_one_process_result(collective_results: list[dict]) -> None:
+    """Every core on 2 ranks, for int64, float64 and float32 alike, against numpy on both
+    ranks' arrays; dtypes kept, int64 sums exact past 2**53."""
+    arrays = [_rank_values(r) for r in range(2)]
+    for name in ("int64", "float64", "float32"):
+        parts = [a[name] for a in arrays]
+        same = [np.resize(p.reshape(-1), 6).reshape(2, 3) for p in parts]
+        for rank, result in enumerate(collective_results):
+            got = result["sum", name]
+            assert got.dtype == parts[0].dtype, name
+            np.testing.assert_array_equal(got, same[0] + same[1])
+            np.testing.assert_array_equal(result["max", name], np.maximum(*same))
+            gathered = result["all_gather", name]
+            assert [g.shape for g in gathered] == [p.shape for p in parts], name
+            for g, p in zip(gathered, parts, strict=True):
+                assert g.dtype == p.dtype
+                np.testing.assert_array_equal(g, p)
+            if rank == 0:
+                for g, p in zip(result["gather", name], parts, strict=True):
+                    np.testing.assert_array_equal(g, p)
+            else:
+                assert result["gather", name] is None
+    for result in collective_results:
+        in_place, summed = result["tensor"]
+        assert in_place
+        np.testing.assert_array_equal(summed, np.arange(10) * 3.0)
+        np.testing.assert_array_equal(result["broadcast"], np.arange(6).reshape(2, 3))
+        assert result["broadcast_tensor"] == [0.0] * 4
+        assert result["string"] == "rüns/α"
+        assert result["counts"] == [0, 10]
+
+
+# ---------------------------------------------------------------------------------------------
+# process_group: teardown on every exit path
+
+
+class _Agreed(Exception):
+    """Raised by every rank at the same point, as a stop agreed over the ranks."""
+
+
+def _heartbeat_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "heartbeat"]
+
+
+def _process_group_worker(rank: int, world: int) -> dict:
+    # This test checks the state dist leaves behind, which only torch.distributed can tell.
+    import torch.distributed as tdist  # noqa: TID251
+
+    from cluster_pipeline.testing.multiproc import next_rendezvous_port
+
+    out: dict = {}
+    for case in ("ok", "error", "agreed", "one_rank_fails"):
+        next_rendezvous_port()
+        try:
+            with dist.process_group(60, 30, together=(_Agreed,)) as ctx:
+                out[case, "inside"] = (tdist.is_initialized(), _heartbeat_threads())
+                dist.barrier(ctx)
+                if case == "error":
+                    raise ValueError(f"rank {rank} failed")
+                if case == "agreed":
+                    raise _Agreed()
+                if case == "one_rank_fails":
+                    error = ValueError("a bad sample") if rank == 1 else None
+                    dist.raise_if_any_rank_failed(ctx, error)
+            out[case] = "left"
+        except Exception as exc:
+            out[case] = f"{type(exc).__name__}: {exc}"
+        out[case, "after"] = (tdist.is_initialized(), _heartbeat_threads(), _gloo_threads())
+    return out
+
+
+def test_process_group_tears_down_on_every_exit_path() -> None:
+    """A normal end, an error, an error every rank raises together and one rank's error
+    spread to all: each leaves torch.distributed uninitialized, no heartbeat thread and no
+    gloo thread, and the error goes on as it was."""
+    results = run_ranks(2, _process_group_worker, timeout=120)
+    for rank, r in enumerate(results):
+        assert r["ok"] == "left"
+        assert r["error"] == f"ValueError: rank {rank} failed"
+        assert r["agreed"] == "_Agreed: "
+        spread = "RankFailedError: rank 1 failed: a bad sample"
+        assert r["one_rank_fails"] == ("ValueError: a bad sample" if rank else spread)
+        for case in ("ok", "error", "agreed", "one_rank_fails"):
+            assert r[case, "inside"] == (True, ["heartbeat"]), (case, r[case, "inside"])
+            assert r[case, "after"] == (False, [], []), (case, r[case, "after"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Exactly-once extraction across ranks x workers
 
 
@@ -171,7 +302,7 @@ def _seeded_model(cfg: Config) -> ClusterNet:
 
 def _extract_worker(rank: int, world: int, shards: Path, tiny_shards: Path) -> dict:
     """Per (shard set, workers): this rank's (indices, features) and rank 0's gathered matrix."""
-    ctx = dist.init_distributed()
+    ctx = dist.init_distributed(DistConfig.timeout_s, DistConfig.heartbeat_timeout_s)
     assert (ctx.rank, ctx.world) == (rank, world)
     out: dict = {}
     for name, root in (("digits", shards), ("tiny", tiny_shards)):
@@ -183,7 +314,7 @@ def _extract_worker(rank: int, world: int, shards: Path, tiny_shards: Path) -> d
             idx, feats, skipped = extract_features(model, reader, cfg, ctx)
             assert model.training, "extract_features must restore train mode"
             assert len(skipped) == 0
-            gathered = dist.gather_features(ctx, idx, feats, reader.index.num_samples, skipped)
+            gathered = gather_features(ctx, idx, feats, reader.index.num_samples, skipped)
             out[name, workers] = (idx, feats, None if gathered is None else gathered.feats)
     return out
 
@@ -270,7 +401,7 @@ def _ddp_worker(rank: int, world: int, shards: Path) -> dict:
     from cluster_pipeline.training.session import make_optimizer  # imports sklearn: only here
     from cluster_pipeline.training.step import train_step
 
-    ctx = dist.init_distributed()
+    ctx = dist.init_distributed(DistConfig.timeout_s, DistConfig.heartbeat_timeout_s)
     cfg = _config(shards)
     x, y = _global_batch(cfg)
     half = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
@@ -281,7 +412,7 @@ def _ddp_worker(rank: int, world: int, shards: Path) -> dict:
         if bn == "frozen":
             _freeze_bn_stats(model)
         ddp = dist.wrap_ddp(ctx, model)
-        assert isinstance(ddp, nn.parallel.DistributedDataParallel)
+        assert type(ddp).__name__ == "DistributedDataParallel" and ddp.module is model
         optimizer = make_optimizer(model, cfg)
         loss, _accuracy = train_step(ddp, optimizer, x[half], y[half])
         out[bn] = {"params": _params(model), "loss": float(loss)}
@@ -377,7 +508,7 @@ def _shutdown_worker(rank: int, world: int) -> dict:
     w = torch.zeros(3, requires_grad=True)
     # An optimizer's first step imports torch._dynamo, and with it torch.distributed.nn, after
     # the group exists: that once kept the group (and gloo's threads) alive past shutdown.
-    torch.optim.SGD([w], lr=0.1).step(lambda: dist.all_reduce_sum_(ctx, torch.ones(4)).sum())
+    torch.optim.SGD([w], lr=0.1).step(lambda: dist.all_reduce(ctx, torch.ones(4)).sum())
     running = _gloo_threads()
     dist.shutdown(ctx)
     return {"running": running, "after": _gloo_threads()}

@@ -61,13 +61,14 @@ def assert_checkpoints_load(run_dir: Path) -> int:
 # ---------------------------------------------------------------- the heartbeat on its own
 
 SCENARIO = textwrap.dedent("""
-    import logging, os, signal, sys, time
+    import logging, os, signal, sys, threading, time
     import numpy as np
+    import torch.distributed
     from cluster_pipeline import dist
+    from cluster_pipeline.features.gather import broadcast_labels
 
     logging.basicConfig(level=logging.INFO)
     scenario, timeout = sys.argv[1], float(sys.argv[2])
-    ctx = dist.init_distributed(600, timeout)
 
     def cluster_for_a_while(seconds):  # stands in for rank 0's k-means: numpy, no collective
         end, a = time.monotonic() + seconds, np.random.default_rng(0).standard_normal((150, 150))
@@ -76,10 +77,22 @@ SCENARIO = textwrap.dedent("""
         return np.arange(10)
 
     if scenario == "busy":
-        labels = dist.on_rank0(ctx, cluster_for_a_while, 3 * timeout)
-        print("labels", dist.broadcast_labels(ctx, labels, 10).tolist(), flush=True)
-        dist.shutdown(ctx)
+        with dist.process_group(600, timeout) as ctx:
+            labels = dist.on_rank0(ctx, cluster_for_a_while, 3 * timeout)
+            print("labels", broadcast_labels(ctx, labels, 10).tolist(), flush=True)
+    elif scenario == "in_collective":  # rank 0 waits in a barrier for rank 1, which is killed
+        try:
+            with dist.process_group(600, timeout) as ctx:
+                if ctx.rank == 1:
+                    print("victim ready", flush=True)
+                    time.sleep(60)
+                dist.barrier(ctx)
+        except dist.RankLostError:
+            beating = [t.name for t in threading.enumerate() if t.name == "heartbeat"]
+            print("left the group:", torch.distributed.is_initialized(), beating, flush=True)
+            sys.exit(dist.EXIT_RANK_LOST)
     else:
+        ctx = dist.init_distributed(600, timeout)
         if ctx.rank == int(scenario):
             print("victim ready", flush=True)
             time.sleep(60)
@@ -99,6 +112,26 @@ def test_a_busy_rank_is_not_declared_dead(tmp_path: Path) -> None:
     for rank in range(2):
         out = (tmp_path / f"out{rank}.txt").read_text()
         assert "labels [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in out and "lost" not in out, out
+
+
+def test_teardown_after_a_lost_rank_does_not_wait_for_it(tmp_path: Path) -> None:
+    """Rank 0 in a collective when rank 1 is killed: `process_group` raises the error naming
+    rank 1 and leaves the group (no barrier with the dead rank), heartbeat stopped, at once.
+    The timeout leaves the heartbeat thread time to let the collective's failure be explained
+    (2.5 beats) before it would end the process itself."""
+    timeout = 10
+    procs = start_cli_ranks(["-c", SCENARIO, "in_collective", str(timeout)], tmp_path)
+    try:
+        wait_for_text(tmp_path / "out1.txt", "victim ready")
+        time.sleep(1.0)  # rank 0 is in the barrier
+        procs[1].send_signal(signal.SIGKILL)
+        rc, seconds = wait_exit(procs[0], time.monotonic())
+    finally:
+        kill_all(procs)
+    out = (tmp_path / "out0.txt").read_text()
+    assert rc == EXIT_RANK_LOST, out[-3000:]
+    assert "rank 1 is lost" in out and "left the group: False []" in out, out[-3000:]
+    assert seconds < limit(timeout + 10), seconds
 
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["rank1-killed", "rank0-store-host-killed"])

@@ -26,13 +26,14 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from cluster_pipeline import cli, dist
 from cluster_pipeline.clustering import metrics
-from cluster_pipeline.config import Config, load_config
+from cluster_pipeline.config import Config, DistConfig, load_config
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.loader import batch_loader
 from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
 from cluster_pipeline.data.sampler import uniform_cluster_sampler
 from cluster_pipeline.data.shards import INDEX_FILE, SAMPLES_FILE, shard_fingerprint
 from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.features.gather import broadcast_labels, gather_features
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.testing.limits import limit
 from cluster_pipeline.testing.multiproc import launcher_env, run_ranks
@@ -427,23 +428,23 @@ def _model(cfg: Config) -> ClusterNet:
 
 
 def _ranks_worker(rank: int, world: int, corrupt: Path, garbage_only: Path) -> dict:
-    ctx = dist.init_distributed()
+    ctx = dist.init_distributed(DistConfig.timeout_s, DistConfig.heartbeat_timeout_s)
     out: dict = {}
     for case, (n, per_rank) in GATHER_CASES.items():
         index, skipped = (np.asarray(a, dtype=np.int64) for a in per_rank[rank])
         try:
-            g = dist.gather_features(ctx, index, _feats(n)[index], n, skipped)
+            g = gather_features(ctx, index, _feats(n)[index], n, skipped)
             out[case] = None if g is None else (g.feats, g.index, g.skipped)
         except RuntimeError as exc:
             out[case] = str(exc)
-    out["after_errors"] = dist.broadcast_labels(
+    out["after_errors"] = broadcast_labels(
         ctx, np.arange(3, dtype=np.int64) if rank == 0 else None, 3
     )
     # Extraction in skip mode on the corrupt shards, gathered.
     cfg = _digits_config(corrupt, "skip")
     reader = SampleReader(ShardIndex.load(corrupt, allow_truncated=True), 8, 1)
     idx, feats, skipped = extract_features(_model(cfg), reader, cfg, ctx)
-    g = dist.gather_features(ctx, idx, feats, N, skipped)
+    g = gather_features(ctx, idx, feats, N, skipped)
     out["skip"] = (idx, skipped, None if g is None else (g.feats, g.index, g.skipped))
     # Fail mode: both ranks meet a bad sample; then only rank 0 does.
     for case, root in (("fail_both", corrupt), ("fail_rank0", garbage_only)):

@@ -157,10 +157,9 @@ def test_clusterfit_end_to_end(clusterfit: Path, supervised: Path) -> None:
 
 def cluster_rank(rank: int, world: int, args: list[str], pretrained: str) -> np.ndarray:
     cfg = clusterfit_config(CONFIG, pretrained, args)
-    ctx = dist.init_distributed(cfg.dist.timeout_s, 0)
-    index, reader, _ = open_data_and_model(cfg, ctx, clusters=False)
-    labels, _ = cluster_pretrained(cfg, ctx, index, reader, Path(cfg.run.dir))
-    dist.shutdown(ctx)
+    with dist.process_group(cfg.dist.timeout_s, 0) as ctx:
+        index, reader, _ = open_data_and_model(cfg, ctx, clusters=False)
+        labels, _ = cluster_pretrained(cfg, ctx, index, reader, Path(cfg.run.dir))
     return labels
 
 

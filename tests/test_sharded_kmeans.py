@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from cluster_pipeline import dist
-from cluster_pipeline.clustering import kmeans, pca
+from cluster_pipeline.clustering import kmeans, pca, ranks
 from cluster_pipeline.clustering.exact import fixed_point_scale
 from cluster_pipeline.clustering.metrics import nmi
 from cluster_pipeline.clustering.sharded import Ranks, Shard, cluster_shard
 from cluster_pipeline.clustering.split import split_empty_clusters, split_empty_clusters_keyed
-from cluster_pipeline.config import ClusterConfig
+from cluster_pipeline.config import ClusterConfig, DistConfig
+from cluster_pipeline.features.gather import all_gather_labels, gather_features
 from cluster_pipeline.testing.limits import limit
 from cluster_pipeline.testing.multiproc import launcher_env, run_ranks
 
@@ -74,7 +75,7 @@ def low_rank(n: int = N, d: int = D) -> np.ndarray:
 
 
 def _worker(rank: int, world: int) -> dict:
-    ctx = dist.init_distributed()
+    ctx = dist.init_distributed(DistConfig.timeout_s, DistConfig.heartbeat_timeout_s)
     assert (ctx.rank, ctx.world) == (rank, world)
     out: dict = {}
 
@@ -82,10 +83,10 @@ def _worker(rank: int, world: int) -> dict:
     x, _ = blobs()
     idx, skipped = share(rank, world, N, SKIPPED, RANK0_ROWS)
     c = cluster_shard(ctx, Shard(idx, x[idx], skipped, N), BLOBS, SEED)
-    labels = dist.all_gather_labels(ctx, idx, c.labels, skipped, N)
+    labels = all_gather_labels(ctx, idx, c.labels, skipped, N)
     out["blobs"] = {"labels": labels, "centroids": c.centroids, "loss": c.loss,
                     "n_empty": c.n_empty_before_split}  # fmt: skip
-    gathered = dist.gather_features(ctx, idx, x[idx], N, skipped)
+    gathered = gather_features(ctx, idx, x[idx], N, skipped)
     if gathered is not None:
         g = kmeans.cluster_features(gathered.feats, BLOBS, SEED, index=gathered.index)
         out["gather"] = {"labels": gathered.per_sample(g.labels), "centroids": g.centroids,
@@ -96,7 +97,7 @@ def _worker(rank: int, world: int) -> dict:
     n_dup = len(xd)
     idx, _ = share(rank, world, n_dup, 0, 111)
     c = cluster_shard(ctx, Shard(idx, xd[idx], idx[:0], n_dup), DUP, SEED)
-    out["dup"] = {"labels": dist.all_gather_labels(ctx, idx, c.labels, idx[:0], n_dup),
+    out["dup"] = {"labels": all_gather_labels(ctx, idx, c.labels, idx[:0], n_dup),
                   "centroids": c.centroids, "n_empty": c.n_empty_before_split}  # fmt: skip
 
     # The split alone, on distinct points, against split.split_empty_clusters (rank 0).
@@ -110,7 +111,7 @@ def _worker(rank: int, world: int) -> dict:
     lab, cen, n_empty = split_empty_clusters_keyed(
         Ranks(ctx), xs[idx], idx, start[idx], cs, scale, seed=SEED
     )
-    out["split"] = {"labels": dist.all_gather_labels(ctx, idx, lab, idx[:0], 500),
+    out["split"] = {"labels": all_gather_labels(ctx, idx, lab, idx[:0], 500),
                     "centroids": cen, "n_empty": n_empty}  # fmt: skip
     if ctx.is_main:
         out["split_ref"] = split_empty_clusters(xs, start, cs, np.random.default_rng(SEED))
@@ -118,7 +119,7 @@ def _worker(rank: int, world: int) -> dict:
     # PCA fitted on a sample of about PCA_CAP rows of every rank, gathered to rank 0.
     pca.PCA_FIT_MAX_ROWS = PCA_CAP  # this spawned process only
     sampled: list[int] = []
-    real_gather_rows = dist.gather_rows
+    real_gather_rows = ranks.gather_rows
 
     def counting_gather_rows(ctx_, index, rows):
         result = real_gather_rows(ctx_, index, rows)
@@ -126,18 +127,18 @@ def _worker(rank: int, world: int) -> dict:
             sampled.append(len(result[0]))
         return result
 
-    dist.gather_rows = counting_gather_rows
+    ranks.gather_rows = counting_gather_rows
     xl = low_rank()
     idx, _ = share(rank, world, N, 0, RANK0_ROWS)
     fitted = pca.fit_pca_on_sample(Ranks(ctx), idx, xl[idx], N, 3, True, SEED)
-    dist.gather_rows = real_gather_rows
+    ranks.gather_rows = real_gather_rows
     out["pca"] = {"mean": fitted.mean, "proj": fitted.proj, "sampled": sampled}
 
     # A sample labeled twice and one never: every rank raises, naming both.
     shares = {1: [[0, 1, 2, 4, 4, 3]], 2: [[0, 1, 2, 4], [4, 3]], 3: [[0, 1], [2, 4], [4, 3]]}
     bad = shares[world][rank]
     try:
-        dist.all_gather_labels(ctx, np.asarray(bad), np.zeros(len(bad), np.int64), idx[:0], 6)
+        all_gather_labels(ctx, np.asarray(bad), np.zeros(len(bad), np.int64), idx[:0], 6)
         out["coverage"] = "no error"
     except RuntimeError as exc:
         out["coverage"] = str(exc)

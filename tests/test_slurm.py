@@ -2,7 +2,9 @@
 
 The demo config runs on the digits shards (8x8 images): 2 nodes x 1 task, then 1 node x 2
 tasks, a preemption (submitit's `_interrupt`: SIGTERM then USR2) that must requeue and resume,
-a rank that raises, and `RESUME=<run dir>`.
+a rank that raises, and `RESUME=<run dir>`. Other commands go through the same launcher:
+`COMMAND=train-supervised` makes the pretrained network of a ClusterFit run that is preempted,
+requeued and resumed, then resubmitted with `--resume` as the clusterfit it was launched as.
 """
 
 from __future__ import annotations
@@ -189,3 +191,63 @@ def test_a_rank_that_raises_fails_the_job(
     rank0 = (run_dir / "logs" / "rank0.log").read_text()
     assert f"rank 1 failed: shard {tar}: sample " in rank0, rank0[-3000:]
     assert not checkpoint.list_checkpoints(run_dir)
+
+
+@pytest.fixture(scope="module")
+def pretrained(
+    slurm_cluster: SlurmCluster, digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """`make launch COMMAND=train-supervised`: the network ClusterFit clusters the features of."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "supervised"
+    overrides = " ".join([f"data.shards={digits_shards}", "train.epochs=1", *DIGITS])
+    res = subprocess.run(
+        ["make", "-s", "launch", "COMMAND=train-supervised", "NODES=1", "GPUS_PER_NODE=0",
+         "TASKS_PER_NODE=1", "CPUS_PER_TASK=1", "TIME=20", "PARTITION=debug",
+         f"RUN_DIR={run_dir}", f"OVERRIDES={overrides}"],
+        cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=limit(120),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = job_id_of(res.stdout)
+    assert "submitted job" in res.stdout and "train-supervised" in res.stdout, res.stdout
+    assert wait_done(slurm_cluster, job, run_dir, timeout=240) == "COMPLETED"
+    assert [r["epoch"] for r in rows_of(run_dir)] == [0]
+    return checkpoint.checkpoint_path(run_dir, 1)
+
+
+def test_clusterfit_preemption_requeues_and_resumes(
+    slurm_cluster: SlurmCluster, pretrained: Path, tmp_path: Path
+) -> None:
+    """ClusterFit through the launcher, with the config its pretrained run saved: preempted
+    after its first epoch, it checkpoints, is requeued and resumes without clustering again;
+    `--resume` then continues it as clusterfit (the command the run was launched with)."""
+    run_dir = tmp_path / "run"
+    epochs = 12
+    job = submit(slurm_cluster, "clusterfit", "--pretrained", str(pretrained),
+                 f"run.dir={run_dir}", f"train.epochs={epochs}", "train.stop_check_every=1",
+                 *slurm_args(2, 1))  # fmt: skip
+    deadline = time.monotonic() + limit(180)
+    while not ((run_dir / "metrics.jsonl").is_file() and rows_of(run_dir)):
+        assert time.monotonic() < deadline, job_logs(run_dir, job)[-3000:]
+        time.sleep(0.2)
+    submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job)._interrupt()
+    assert wait_done(slurm_cluster, job, run_dir, timeout=300) == "COMPLETED"
+    shown = slurm_cluster.run("scontrol", "show", "job", job).stdout
+    assert int(re.search(r"Restarts=(\d+)", shown)[1]) >= 1, shown  # type: ignore[index]
+    logs = job_logs(run_dir, job)
+    assert "SLURM_RESTART_COUNT=1" in logs and "clusterfit, rank 1/2 on node n2" in logs
+    assert "Traceback" not in logs, logs[-5000:]  # every rank stopped cleanly
+    assert re.search(r"rank 0: stopped on SIGUSR2; checkpoint \S+\.pt; the job is requeued",
+                     logs), logs[-3000:]  # fmt: skip
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert "stopping at epoch" in rank0 and "resumed" in rank0, rank0[-3000:]
+    assert rank0.count("ClusterFit: clustering") == 1, rank0[-3000:]  # once, before the stop
+    assert [r["epoch"] for r in rows_of(run_dir)] == list(range(epochs))
+    launched = json.loads((run_dir / "slurm" / "command.json").read_text())
+    assert launched["command"] == "clusterfit"
+
+    again = submit(slurm_cluster, "--resume", str(run_dir), f"train.epochs={epochs + 1}")
+    assert wait_done(slurm_cluster, again, run_dir, timeout=240) == "COMPLETED"
+    assert [r["epoch"] for r in rows_of(run_dir)] == list(range(epochs + 1))
+    rank0 = (run_dir / "logs" / "rank0.log").read_text()
+    assert rank0.count("ClusterFit: clustering") == 1, rank0[-3000:]
+    assert "clusterfit, rank 0/2" in job_logs(run_dir, again)

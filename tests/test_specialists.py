@@ -25,6 +25,7 @@ from cluster_pipeline.config import load_config, to_yaml
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.features.gather import gather_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import build_model
 from cluster_pipeline.models.weights import load_weights, model_state
@@ -83,7 +84,7 @@ def _stream_and_gather(rank: int, world: int, shards: str, weights: str) -> dict
     moments, skipped = stream_prediction_moments(model, reader, cfg, ctx)
     with LayerTaps(model, ["head"]) as taps:  # the same logits, gathered whole for np.cov
         idx, logits, lost = extract_features(model, reader, cfg, ctx, taps)
-    gathered = dist.gather_features(ctx, idx, logits, index.num_samples, lost)
+    gathered = gather_features(ctx, idx, logits, index.num_samples, lost)
     if gathered is None:
         return None
     probs = torch.softmax(torch.from_numpy(gathered.feats), dim=1).numpy()

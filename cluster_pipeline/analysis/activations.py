@@ -34,6 +34,7 @@ from cluster_pipeline.clustering.pca import project
 from cluster_pipeline.config import Config, ConfigError, validate_k
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.features.gather import Gathered, gather_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.weights import load_weights, model_state
 from cluster_pipeline.run.rundir import prepare_run_dir
@@ -257,7 +258,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 def write_outputs(
     home: Path,
-    gathered: dist.Gathered | None,
+    gathered: Gathered | None,
     taps: LayerTaps,
     reader: SampleReader,
     cfg: Config,
@@ -291,8 +292,7 @@ def run_activations(cfg: Config, weights: str | None) -> list[dict[str, Any]] | 
     """
     if not cfg.activations.layers:
         raise ConfigError("no layer to cluster: pass --layer NAME or --layers a,b,c")
-    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
-    with dist.naming_lost_ranks(ctx):
+    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
         run_dir = prepare_run_dir(cfg, ctx, sub=SUBDIR)
         # Each layer's PCA is capped at its width: only k is checked against the data.
         index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
@@ -302,10 +302,9 @@ def run_activations(cfg: Config, weights: str | None) -> list[dict[str, Any]] | 
         taps = LayerTaps(model, cfg.activations.layers, cfg.activations.pool)
         with taps:
             idx, feats, skipped = extract_features(model, reader, cfg, ctx, taps)
-        gathered = dist.gather_features(ctx, idx, feats, index.num_samples, skipped)
+        gathered = gather_features(ctx, idx, feats, index.num_samples, skipped)
         del feats
         summaries = dist.on_rank0(
             ctx, write_outputs, run_dir / SUBDIR, gathered, taps, reader, cfg, weights
         )
-        dist.shutdown(ctx)
         return summaries

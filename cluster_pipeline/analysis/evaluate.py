@@ -38,9 +38,10 @@ from cluster_pipeline import dist
 from cluster_pipeline.analysis.probe import knn_top1, linear_probe
 from cluster_pipeline.clustering.kmeans import cluster_features
 from cluster_pipeline.clustering.metrics import ari, nmi
-from cluster_pipeline.config import Config, ConfigError
+from cluster_pipeline.config import Config, ConfigError, Split
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
+from cluster_pipeline.features.gather import Gathered, gather_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.models.weights import load_weights, model_state
@@ -62,13 +63,13 @@ class SplitFeatures:
     labels: np.ndarray  # true class of each of this rank's rows
     classes: np.ndarray  # true class of every sample of the split (row i: sample i)
     num_samples: int
-    gathered: dist.Gathered | None  # rank 0: the knn layer of every sample
+    gathered: Gathered | None  # rank 0: the knn layer of every sample
     ids: np.ndarray | None  # rank 0: the sample id (shard key) of each gathered row
 
 
 def split_config(cfg: Config, name: str) -> Config:
     out = copy.deepcopy(cfg)
-    out.data.split = name
+    out.data.split = Split(name)
     return out
 
 
@@ -84,11 +85,8 @@ def run_evaluate(
         raise FileNotFoundError(f"checkpoint {weights} does not exist")
     cfg = copy.deepcopy(cfg)
     cfg.run.dir, cfg.name = output_dir(cfg, weights, out)
-    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
-    with dist.naming_lost_ranks(ctx):
-        result = _evaluate(cfg, ctx, weights, layers)
-        dist.shutdown(ctx)
-        return result
+    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
+        return _evaluate(cfg, ctx, weights, layers)
 
 
 def output_dir(cfg: Config, weights: str | None, out: str | None) -> tuple[str, str]:
@@ -194,7 +192,7 @@ def extract_split(
     idx, rows, skipped = extract_features(model, reader, cfg, ctx, taps)
     layers = taps.split(rows)
     knn = np.ascontiguousarray(layers[cfg.evaluate.knn_layer])
-    gathered = dist.gather_features(ctx, idx, knn, index.num_samples, skipped)
+    gathered = gather_features(ctx, idx, knn, index.num_samples, skipped)
     assert index.labels is not None
     ids = None
     if gathered is not None:

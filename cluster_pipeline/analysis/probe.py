@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster_pipeline import dist
+from cluster_pipeline.config import EvaluateConfig
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def standardization(
         acc[:d] += part.sum(0)
         acc[d : 2 * d] += (part * part).sum(0)
     acc[-1] = len(x)
-    acc = dist.all_reduce_sum_(ctx, acc)
+    acc = dist.all_reduce(ctx, acc)
     n = max(float(acc[-1]), 1.0)
     mean = acc[:d] / n
     var = (acc[d : 2 * d] / n - mean * mean).clamp_min(0)
@@ -59,7 +60,7 @@ def fit_linear_probe(
     num_classes: int,
     weight_decay: float,
     iters: int,
-    lr: float = 1.0,
+    lr: float = EvaluateConfig.lr,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """(W (d, C), b (C,), final objective, iterations) of L2-regularized softmax regression on
     this rank's standardized rows `x` and labels `y`, together with every other rank's.
@@ -88,7 +89,7 @@ def fit_linear_probe(
         p = logp.exp()
         p[rows, y] -= 1.0
         flat = torch.cat([local.reshape(1), (x.T @ p).reshape(-1), p.sum(0)]).double()
-        flat = dist.all_reduce_sum_(ctx, flat) / n
+        flat = dist.all_reduce(ctx, flat) / n
         w.grad = flat[1 : 1 + w.numel()].view_as(w).float() + weight_decay * w
         b.grad = flat[1 + w.numel() :].float()
         penalty = 0.5 * weight_decay * float((w.double() ** 2).sum())
@@ -116,7 +117,7 @@ def accuracy(
         for s in range(0, len(x), chunk):
             pred = (x[s : s + chunk] @ w + b).argmax(1)
             correct += int((pred == y[s : s + chunk]).sum())
-    counts = dist.all_reduce_sum(ctx, np.array([correct, len(x)], dtype=np.float64))
+    counts = dist.all_reduce(ctx, np.array([correct, len(x)], dtype=np.float64))
     return float(counts[0] / max(counts[1], 1.0))
 
 
@@ -127,10 +128,10 @@ def linear_probe(
     test_x: np.ndarray,
     test_y: np.ndarray,
     num_classes: int,
-    weight_decay: float = 1e-3,
-    iters: int = 100,
-    lr: float = 1.0,
-    chunk: int = 1024,
+    weight_decay: float = EvaluateConfig.weight_decay,
+    iters: int = EvaluateConfig.probe_iters,
+    lr: float = EvaluateConfig.lr,
+    chunk: int = EvaluateConfig.batch_size,
 ) -> ProbeResult:
     """Fit a probe on every rank's training rows (standardized with their global mean and std)
     and score it on every rank's test rows. Collective: call on every rank."""
@@ -157,9 +158,9 @@ def knn_top1(
     test_x: np.ndarray,
     test_y: np.ndarray,
     num_classes: int,
-    k: int = 20,
-    temperature: float = 0.07,
-    chunk: int = 1024,
+    k: int = EvaluateConfig.knn_k,
+    temperature: float = EvaluateConfig.knn_temperature,
+    chunk: int = EvaluateConfig.batch_size,
     device: torch.device | None = None,
 ) -> float:
     """Top-1 of a k-nearest-neighbour classifier: cosine similarity to the training rows, and

@@ -93,8 +93,8 @@ class MomentSums:
 
     def all_reduced(self, ctx: dist.DistContext, count: int) -> PredictionMoments:
         """The sums of every rank, `count` samples in all. Collective: call on every rank."""
-        dist.all_reduce_sum_(ctx, self.sums)
-        dist.all_reduce_sum_(ctx, self.outer)
+        dist.all_reduce(ctx, self.sums)
+        dist.all_reduce(ctx, self.outer)
         return PredictionMoments(
             count, self.sums.cpu().numpy(), self.outer.cpu().numpy(), self.shift
         )
@@ -114,7 +114,7 @@ def stream_prediction_moments(
         moments.add(torch.softmax(model(x).float(), dim=1))
 
     _, skipped = for_each_batch(model, reader, cfg, ctx, "predict", accumulate)
-    count, lost = dist.all_reduce_sum_int64(ctx, np.array([moments.count, len(skipped)])).tolist()
+    count, lost = dist.all_reduce(ctx, np.array([moments.count, len(skipped)], np.int64)).tolist()
     if count + lost != reader.index.num_samples:
         raise RuntimeError(
             f"the ranks read {count} and skipped {lost} samples of {reader.index.num_samples}"
@@ -291,8 +291,8 @@ def save_specialists(
 
 
 def run_specialists(
-    cfg: Config, weights: str, groups: int, method: str = "kmeans", seed: int = 0,
-    restarts: int = 10, batch_size: int = 256, columns: str = "correlation",
+    cfg: Config, weights: str, groups: int, method: str, seed: int, restarts: int,
+    batch_size: int, columns: str,
 ) -> Path | None:  # fmt: skip
     """`cluster-pipeline specialists`: the groups of classes for specialist models, written by
     rank 0 into the run directory (returned there; None on other ranks)."""
@@ -306,8 +306,7 @@ def run_specialists(
         raise ConfigError(
             f"--groups {groups} must be in 1..{head.shape[0]}, the classes of {weights}'s head"
         )
-    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
-    with dist.naming_lost_ranks(ctx):
+    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
         run_dir = prepare_run_dir(cfg, ctx)
         index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
         load_weights(model, state, weights)
@@ -322,7 +321,6 @@ def run_specialists(
             class_names(num_classes, index, head_over_clusters(weights)),
             dict(checkpoint=weights, split=cfg.data.split, skipped=skipped, columns=columns),
         )  # fmt: skip
-        dist.shutdown(ctx)
     return run_dir if ctx.is_main else None
 
 

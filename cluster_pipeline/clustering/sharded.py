@@ -9,7 +9,7 @@ only k x d sums, the PCA sample and the labels travel. Nothing holds an N x d ma
 
 The algorithm is gather mode's, `kmeans.cluster`, with the ranks as its `Holders`: every
 choice is keyed by global sample index and every sum is exact, so on the same features and
-seed both modes return the same bits, on any number of ranks. The collectives are in `dist`.
+seed both modes return the same bits, on any number of ranks. The reductions are `ranks.Ranks`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster_pipeline import dist
-from cluster_pipeline.clustering import kmeans, pca
+from cluster_pipeline.clustering import kmeans
+from cluster_pipeline.clustering.ranks import Ranks
 from cluster_pipeline.clustering.search import GpuSearch, num_gpus
 from cluster_pipeline.config import ClusterConfig
 
@@ -38,41 +39,6 @@ class Shard:
     num_samples: int  # N, over all ranks
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """`holders.Holders` over the ranks of a process group: each method is a collective."""
-
-    ctx: dist.DistContext
-
-    def sum(self, values: np.ndarray) -> np.ndarray:
-        if values.dtype == np.int64:
-            return dist.all_reduce_sum_int64(self.ctx, values)
-        return dist.all_reduce_sum(self.ctx, values.reshape(-1)).reshape(values.shape)
-
-    def max(self, value: float) -> float:
-        return dist.all_reduce_max_float(self.ctx, value)
-
-    def concat(self, values: np.ndarray) -> np.ndarray:
-        return np.concatenate(dist.all_gather_int64(self.ctx, values))
-
-    def fit_pca(
-        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
-    ) -> pca.PCA:
-        """The rows sent to rank 0 (sorted by sample index there), fitted, and the PCA
-        broadcast: no rank fits its own."""
-        sample = dist.gather_rows(self.ctx, index, rows)
-
-        def fit() -> pca.PCA:
-            assert sample is not None
-            return pca.fit_pca(sample[1], dim, whiten=whiten, seed=seed, exact=exact)
-
-        fitted = dist.on_rank0(self.ctx, fit)
-        d = rows.shape[1]
-        mean = dist.broadcast_float32(self.ctx, None if fitted is None else fitted.mean, (d,))
-        proj = dist.broadcast_float32(self.ctx, None if fitted is None else fitted.proj, (d, dim))
-        return pca.PCA(mean=mean, proj=proj, exact=exact)
-
-
 def cluster_shard(
     ctx: dist.DistContext, shard: Shard, c: ClusterConfig, seed: int
 ) -> kmeans.Clustering:
@@ -80,7 +46,7 @@ def cluster_shard(
 
     Returns this rank's rows' labels (row j: sample shard.index[j]), and the centroids, loss
     and number of empty clusters before the split, identical on every rank; spread the labels
-    with `dist.all_gather_labels`. `c.use_gpu`: search on this rank's own GPU.
+    with `features.gather.all_gather_labels`. `c.use_gpu`: search on this rank's own GPU.
 
     Collective: call on every rank.
     """

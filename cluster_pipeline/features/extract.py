@@ -20,6 +20,7 @@ from cluster_pipeline.config import Config
 from cluster_pipeline.data.augment import center_crop, to_float
 from cluster_pipeline.data.loader import batch_loader, rank_partition
 from cluster_pipeline.data.reader import SampleReader, ShardError
+from cluster_pipeline.features.gather import Gathered, gather_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.models.weights import load_weights, model_state
@@ -176,7 +177,7 @@ def as_layout(x: torch.Tensor, cfg: Config, ctx: dist.DistContext) -> torch.Tens
 
 def save_features(
     out: Path,
-    gathered: dist.Gathered | None,
+    gathered: Gathered | None,
     labels: np.ndarray | None,
     taps: LayerTaps | None = None,
 ) -> None:
@@ -207,8 +208,7 @@ def run_extract(
 
     With `layers`, the pooled activations of those named modules instead of the embedding.
     """
-    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
-    with dist.naming_lost_ranks(ctx):
+    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
         return _extract_and_save(cfg, ctx, weights, out, layers, pool)
 
 
@@ -227,8 +227,7 @@ def _extract_and_save(
     taps = LayerTaps(model, layers, pool) if layers else None
     with taps or contextlib.nullcontext():
         idx, feats, skipped = extract_features(model, reader, cfg, ctx, taps)
-    gathered = dist.gather_features(ctx, idx, feats, index.num_samples, skipped)
+    gathered = gather_features(ctx, idx, feats, index.num_samples, skipped)
     folder = Path(out) if out else run_dir / "features"
     dist.on_rank0(ctx, save_features, folder, gathered, index.labels, taps)
-    dist.shutdown(ctx)
     return folder if ctx.is_main else None

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster_pipeline.config import POOL_RULE, ConfigError
+from cluster_pipeline.config import ConfigError, parse_pool_rule
 from cluster_pipeline.models.nets import ClusterNet
 
-# Pool rules for spatial (N, C, H, W) activations (config.POOL_RULE):
+# Pool rules for spatial (N, C, H, W) activations (parsed by config.parse_pool_rule):
 #   "avg" / "max": global average / max pooling, C values;
 #   "grid:S": adaptive average pooling to S x S, C * S * S values;
 #   "dims:D": adaptive average pooling to the largest S x S grid with C * S * S <= D (at least
@@ -28,19 +28,15 @@ from cluster_pipeline.models.nets import ClusterNet
 EMBEDDING = "embedding"
 
 
-def check_pool_rule(rule: str) -> None:
-    if not POOL_RULE.match(rule):
-        raise ConfigError(f"pool rule {rule!r} is unknown; use avg, max, grid:S or dims:D")
-
-
 def pooled_grid(rule: str, channels: int, height: int) -> int:
     """The side S of the S x S grid `rule` pools a (C, H, H) activation to (0: global max)."""
-    if rule == "max":
+    parsed = parse_pool_rule(rule)
+    if parsed.kind == "max":
         return 0
-    if rule == "avg":
+    if parsed.kind == "avg":
         return 1
-    kind, value = rule.split(":")
-    side = int(value) if kind == "grid" else math.isqrt(max(1, int(value) // channels))
+    size = parsed.size
+    side = size if parsed.kind == "grid" else math.isqrt(max(1, size // channels))
     return max(1, min(side, height))
 
 
@@ -85,7 +81,7 @@ class LayerTaps:
     def __init__(self, model: ClusterNet, names: list[str], pool: str = "avg") -> None:
         if not names:
             raise ConfigError("no layer to tap; name at least one module")
-        check_pool_rule(pool)
+        parse_pool_rule(pool)
         self.model, self.names, self.pool = model, list(names), pool
         self.modules = [None if n == EMBEDDING else find_module(model, n) for n in self.names]
         self.outputs: dict[str, torch.Tensor] = {}

@@ -77,7 +77,7 @@ class SmallCNN(ClusterNet):
 
     layer_names = ("block1", "block2", "block3")
 
-    def __init__(self, in_channels: int, num_classes: int, sobel: bool, width: int = 32) -> None:
+    def __init__(self, in_channels: int, num_classes: int, sobel: bool, width: int) -> None:
         super().__init__(in_channels, sobel)
         w = width
         c = self.stem_channels

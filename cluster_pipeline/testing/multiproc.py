@@ -78,20 +78,18 @@ def _rank_main(out: str) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    import torch.distributed as tdist
+    from cluster_pipeline import dist
 
     try:
         fn = getattr(importlib.import_module(module), name)
         result: Any = ("ok", fn(rank, world, *pickle.loads(args)))
-        if tdist.is_initialized():
-            # Every rank done with its collectives before any tears gloo down: rank 0 hosts the
-            # store its peers still talk to.
-            tdist.barrier()
+        # Every rank done with its collectives before any tears gloo down: rank 0 hosts the
+        # store its peers still talk to.
+        dist.leave_group(barrier=True)
     except BaseException as exc:
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+        dist.leave_group(barrier=False)  # after an error: at once
     tmp = Path(out, f"rank{rank}.pkl.tmp")
     tmp.write_bytes(pickle.dumps(result))
     tmp.rename(Path(out, f"rank{rank}.pkl"))

@@ -37,7 +37,7 @@ from cluster_pipeline.config import (
 )
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
-from cluster_pipeline.models.layers import LayerTaps, check_pool_rule
+from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.models.weights import load_weights, model_state, saved_config_text
 from cluster_pipeline.run.setup import model_on_device
@@ -81,7 +81,7 @@ def clusterfit_config(
 
 def clusterfit_targets(cfg: Config) -> FixedTargets:
     """The pretrained network's clusters, made once: a head of cluster.k outputs."""
-    check_pool_rule(cfg.clusterfit.pool)
+    cfg.clusterfit.validate()  # the CLI's --layer / --pool are set after loading
 
     def make(s: Session) -> tuple[np.ndarray, dict[str, Any] | None]:
         return cluster_pretrained(s.cfg, s.ctx, s.index, s.reader, s.run_dir)

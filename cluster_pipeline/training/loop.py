@@ -6,9 +6,8 @@ strategy (`targets.py`): what the targets of an epoch are, and when they are rec
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ def run_training(
     """
     is_main = False
     try:
-        with _process_group(cfg) as ctx:
+        with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s,
+                                together=(Stopped,)) as ctx:  # fmt: skip
             is_main = ctx.is_main
             return train(cfg, ctx, targets, flag or StopFlag())
     except Stopped as stop:
@@ -52,20 +52,6 @@ def run_training(
         if is_main:
             requeue(stop.signum)
         raise Stopped(stop.signum, stop.checkpoint, requeued=True) from None
-
-
-@contextlib.contextmanager
-def _process_group(cfg: Config) -> Iterator[dist.DistContext]:
-    ctx = dist.init_distributed(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s)
-    with dist.naming_lost_ranks(ctx):
-        try:
-            yield ctx
-        except Stopped:
-            dist.barrier(ctx)
-            dist.shutdown(ctx)
-            raise
-    dist.barrier(ctx)
-    dist.shutdown(ctx)
 
 
 def train(cfg: Config, ctx: dist.DistContext, targets: Targets, flag: StopFlag) -> Path:

@@ -19,6 +19,12 @@ from cluster_pipeline import dist
 from cluster_pipeline.clustering import kmeans
 from cluster_pipeline.clustering.sharded import Shard, cluster_shard
 from cluster_pipeline.config import ClusterConfig
+from cluster_pipeline.features.gather import (
+    Gathered,
+    all_gather_labels,
+    broadcast_labels,
+    gather_features,
+)
 from cluster_pipeline.training.position import PhaseTimer
 
 # A rank's extraction: (sample indices, features, indices of the samples it could not read).
@@ -39,18 +45,18 @@ class Gather:
 
     ctx: dist.DistContext
 
-    def place(self, extracted: Extracted, n: int) -> dist.Gathered | None:
+    def place(self, extracted: Extracted, n: int) -> Gathered | None:
         idx, feats, skipped = extracted
-        return dist.gather_features(self.ctx, idx, feats, n, skipped)
+        return gather_features(self.ctx, idx, feats, n, skipped)
 
     def cluster(self, placed: object, c: ClusterConfig, seed: int) -> kmeans.Clustering | None:
         return dist.on_rank0(self.ctx, _cluster_gathered, placed, c, seed)
 
     def labels(self, clusters: kmeans.Clustering | None, placed: object, n: int) -> np.ndarray:
-        return dist.broadcast_labels(self.ctx, clusters.labels if clusters else None, n)
+        return broadcast_labels(self.ctx, clusters.labels if clusters else None, n)
 
 
-def _cluster_gathered(gathered: dist.Gathered, c: ClusterConfig, seed: int) -> kmeans.Clustering:
+def _cluster_gathered(gathered: Gathered, c: ClusterConfig, seed: int) -> kmeans.Clustering:
     """Rank 0's clustering of all features read; samples skipped as unreadable get label -1
     (the sampler never draws them)."""
     clusters = kmeans.cluster_features(gathered.feats, c, seed, index=gathered.index)
@@ -73,7 +79,7 @@ class Sharded:
 
     def labels(self, clusters: kmeans.Clustering | None, placed: object, n: int) -> np.ndarray:
         assert isinstance(placed, Shard) and clusters is not None
-        return dist.all_gather_labels(self.ctx, placed.index, clusters.labels, placed.skipped, n)
+        return all_gather_labels(self.ctx, placed.index, clusters.labels, placed.skipped, n)
 
 
 def clustering_mode(ctx: dist.DistContext, c: ClusterConfig) -> ClusteringMode:

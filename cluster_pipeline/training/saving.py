@@ -57,8 +57,10 @@ class Checkpointer:
             return path
         if pos.started:
             loss, acc = (0.0, 0.0) if running is None else map(float, running)
-            sums = dist.all_gather_floats(self.ctx, loss), dist.all_gather_floats(self.ctx, acc)
-            pos.loss_sums, pos.acc_sums = sums
+            pos.loss_sums, pos.acc_sums = (
+                np.concatenate(dist.all_gather(self.ctx, np.array([v], np.float64)))
+                for v in (loss, acc)
+            )
         pos.world = self.ctx.world
         dist.on_rank0(self.ctx, self._write, path)
         self.last = pos.key
@@ -113,7 +115,8 @@ class StopCoordinator:
         """If any rank caught a signal: save and raise Stopped on every rank.
 
         Collective: call on every rank."""
-        signum = dist.max_over_ranks(self.writer.ctx, self.flag.poll())
+        poll = np.array([self.flag.poll()], np.int64)
+        signum = int(dist.all_reduce(self.writer.ctx, poll, "max")[0])
         if signum:
             path = self.writer.save(pos, running)
             log.warning("stopping at epoch %d step %d; checkpoint %s", pos.epoch, pos.step, path)

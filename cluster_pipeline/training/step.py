@@ -81,7 +81,7 @@ def train_one_epoch(
         total += train_step(s.ddp, s.optimizer, as_layout(x, cfg, ctx), y)
         pos.step += 1
     loss, accuracy = map(float, total)  # sums over this rank's steps; every step's batch is full
-    summed = dist.all_reduce_sum(ctx, np.array([loss, pos.step, accuracy], dtype=np.float64))
+    summed = dist.all_reduce(ctx, np.array([loss, pos.step, accuracy], dtype=np.float64))
     steps = max(1.0, summed[1])
     return EpochTotals(float(summed[0] / steps), float(summed[2] / steps), int(summed[1]) * b)
 

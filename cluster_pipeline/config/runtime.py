@@ -1,0 +1,98 @@
+"""Where and how a run executes: W&B, the run directory, the process group and the SLURM job.
+
+Each section checks its own fields in `validate()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster_pipeline.config.choices import WandbMode, is_choice, unknown_choice
+from cluster_pipeline.config.errors import ConfigError, raise_first_failed
+
+
+@dataclass
+class WandbConfig:
+    # auto: online if WANDB_API_KEY is set, else offline. Also online, offline, disabled.
+    mode: WandbMode = WandbMode.auto
+    project: str = "cluster_pipeline"
+    entity: str | None = None
+    name: str | None = None
+
+    def validate(self) -> None:
+        if not is_choice(self.mode, WandbMode):
+            raise ConfigError(unknown_choice("wandb.mode", self.mode, WandbMode))
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives; any directory name is the user's choice, so nothing to check."""
+
+    # Run directory; empty means runs/<config name>-<timestamp>, chosen by rank 0.
+    dir: str = ""
+    # Continue the run found in `dir` (its last checkpoint); false refuses to touch it.
+    resume: bool = True
+    # Show tqdm progress bars on rank 0.
+    progress: bool = True
+
+
+@dataclass
+class DistConfig:
+    """The process group's timeouts: defined here only (dist/ takes them as arguments)."""
+
+    # Seconds a collective may wait for a live peer before the run fails (a hang). Keep it above
+    # the longest wait of a healthy run: the other ranks wait in broadcast_labels while rank 0
+    # clusters. Also the longest a DataLoader batch may take.
+    timeout_s: int = 600
+    # A rank whose heartbeat (a thread beating into the rendezvous store) has not moved for this
+    # many seconds is lost (killed, or its node failed): every other rank stops with an error
+    # naming it, however long its collectives may wait. 0 turns the heartbeat off (debuggers).
+    heartbeat_timeout_s: float = 180.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.timeout_s > 0, "dist.timeout_s must be > 0"),
+            (self.heartbeat_timeout_s >= 0, "dist.heartbeat_timeout_s must be >= 0 (0: off)"),
+        ]
+        raise_first_failed(checks)
+
+
+@dataclass
+class SlurmConfig:
+    """The SLURM job of `make launch` (launcher/slurm.py); Make variables override these."""
+
+    nodes: int = 1
+    # One rank per GPU. 0 means a CPU job with `tasks_per_node` ranks per node.
+    gpus_per_node: int = 8
+    # Ranks per node of a CPU job (gpus_per_node=0); ignored when there are GPUs.
+    tasks_per_node: int = 1
+    cpus_per_task: int = 10
+    # Memory per node in GB; 0 leaves the partition's default.
+    mem_gb: int = 0
+    # Walltime of one attempt; on timeout the job checkpoints and requeues itself.
+    timeout_min: int = 4320
+    # Empty means the cluster's default partition; account and qos are passed when given.
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    # SLURM sends USR2 this long before the walltime: time to finish a step and checkpoint.
+    signal_delay_s: int = 120
+    # Requeues after timeouts before the job gives up (preemptions do not count).
+    max_num_timeout: int = 20
+    # Extra sbatch options, e.g. {exclusive: "", reservation: my_resa}.
+    additional_parameters: dict[str, str] = field(default_factory=dict)
+    # Job name; empty means the config name.
+    job_name: str = ""
+
+    def validate(self) -> None:
+        checks = [
+            (self.nodes >= 1, f"slurm.nodes={self.nodes} must be >= 1"),
+            (self.gpus_per_node >= 0, "slurm.gpus_per_node must be >= 0"),
+            (self.tasks_per_node >= 1, "slurm.tasks_per_node must be >= 1"),
+            (self.cpus_per_task >= 1, "slurm.cpus_per_task must be >= 1"),
+            (self.timeout_min >= 1, "slurm.timeout_min must be >= 1"),
+            (self.signal_delay_s >= 0, "slurm.signal_delay_s must be >= 0"),
+            (self.max_num_timeout >= 0, "slurm.max_num_timeout must be >= 0"),
+        ]
+        raise_first_failed(checks)
