@@ -83,17 +83,26 @@ def two_node_run(
 ) -> Path:
     """`make launch NODES=2` with one task per node, the way a user types it."""
     run_dir = tmp_path_factory.mktemp("slurm") / "two-nodes"
-    overrides = " ".join([f"data.shards={digits_shards}", "train.epochs=2", *DIGITS])
+    make_launch(slurm_cluster, digits_shards, run_dir, 2, "CONFIG=configs/demo_mnist.yaml",
+                "NODES=2")  # fmt: skip
+    return run_dir
+
+
+def make_launch(
+    slurm_cluster: SlurmCluster, shards: Path, run_dir: Path, epochs: int, *variables: str
+) -> str:
+    """`make launch` on the digits with one task per node and 1 CPU, waited for: its output."""
+    overrides = " ".join([f"data.shards={shards}", f"train.epochs={epochs}", *DIGITS])
     res = subprocess.run(
-        ["make", "-s", "launch", "CONFIG=configs/demo_mnist.yaml", "NODES=2", "GPUS_PER_NODE=0",
-         "TASKS_PER_NODE=1", "CPUS_PER_TASK=1", "TIME=20", "PARTITION=debug",
-         f"RUN_DIR={run_dir}", f"OVERRIDES={overrides}"],
+        ["make", "-s", "launch", *variables, "GPUS_PER_NODE=0", "TASKS_PER_NODE=1",
+         "CPUS_PER_TASK=1", "TIME=20", "PARTITION=debug", f"RUN_DIR={run_dir}",
+         f"OVERRIDES={overrides}"],
         cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=limit(120),
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
     job = job_id_of(res.stdout)
     assert wait_done(slurm_cluster, job, run_dir, timeout=240) == "COMPLETED"
-    return run_dir
+    return res.stdout
 
 
 def test_two_nodes_one_task_each(two_node_run: Path) -> None:
@@ -199,17 +208,9 @@ def pretrained(
 ) -> Path:
     """`make launch COMMAND=train-supervised`: the network ClusterFit clusters the features of."""
     run_dir = tmp_path_factory.mktemp("slurm") / "supervised"
-    overrides = " ".join([f"data.shards={digits_shards}", "train.epochs=1", *DIGITS])
-    res = subprocess.run(
-        ["make", "-s", "launch", "COMMAND=train-supervised", "NODES=1", "GPUS_PER_NODE=0",
-         "TASKS_PER_NODE=1", "CPUS_PER_TASK=1", "TIME=20", "PARTITION=debug",
-         f"RUN_DIR={run_dir}", f"OVERRIDES={overrides}"],
-        cwd=REPO, env=slurm_cluster.env(), capture_output=True, text=True, timeout=limit(120),
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
-    job = job_id_of(res.stdout)
-    assert "submitted job" in res.stdout and "train-supervised" in res.stdout, res.stdout
-    assert wait_done(slurm_cluster, job, run_dir, timeout=240) == "COMPLETED"
+    out = make_launch(slurm_cluster, digits_shards, run_dir, 1, "COMMAND=train-supervised",
+                      "NODES=1")  # fmt: skip
+    assert "submitted job" in out and "train-supervised" in out, out
     assert [r["epoch"] for r in rows_of(run_dir)] == [0]
     return checkpoint.checkpoint_path(run_dir, 1)
 
