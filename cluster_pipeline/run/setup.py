@@ -11,6 +11,7 @@ from cluster_pipeline import dist
 from cluster_pipeline.config import Config, validate_against_data, validate_training
 from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
 from cluster_pipeline.models.nets import ClusterNet, build_model
+from cluster_pipeline.training.seeding import Stream, stream_seed
 
 
 def open_data_and_model(
@@ -31,7 +32,7 @@ def open_data_and_model(
     dist.raise_if_any_rank_failed(ctx, error)
     assert loaded is not None
     index = loaded.split(cfg.data.split, cfg.data.test_fraction, cfg.data.split_seed)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(stream_seed(cfg.train.seed, Stream.MODEL))
     model = model_on_device(build_model(cfg.model, cfg.data.channels, cfg.cluster.k), cfg, ctx)
     if clusters:
         validate_against_data(cfg, index.num_samples, model.feature_dim, ctx.world)
