@@ -15,7 +15,7 @@ import torch
 from conftest import SLOW_FIXTURES
 
 from cluster_pipeline.testing.limits import limit
-from cluster_pipeline.testing.multiproc import RANK_THREADS, run_ranks
+from cluster_pipeline.testing.multiproc import RANK_THREADS, launcher_env, run_ranks
 
 
 def test_every_test_is_exactly_one_of_unit_and_integration(request: pytest.FixtureRequest):
@@ -62,3 +62,12 @@ def test_a_rank_that_dies_stops_the_others_at_once():
     with pytest.raises(AssertionError, match="rank 1 exited with status 3 and no result"):
         run_ranks(2, _die_on_rank1, timeout=240)
     assert time.monotonic() - start < limit(60)
+
+
+def test_launched_commands_get_their_own_wandb_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """wandb sets WANDB_SERVICE in a process that started a service; a command the tests launch
+    must not join it (a killed run's stream stays registered there: "run ID … is in use")."""
+    monkeypatch.setenv("WANDB_SERVICE", "2-1234-tcp-localhost-5678")
+    monkeypatch.setenv("RANK", "3")
+    env = launcher_env()
+    assert "WANDB_SERVICE" not in env and "RANK" not in env

@@ -57,8 +57,13 @@ def next_rendezvous_port() -> None:
 
 def launcher_env(threads: int | None = RANK_THREADS) -> dict[str, str]:
     """This environment for a launch.local or torchrun subprocess: none of this process's rank
-    variables, and `threads` threads per rank (None: OMP_NUM_THREADS as it is here)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    variables, and `threads` threads per rank (None: OMP_NUM_THREADS as it is here).
+
+    Nor this process's W&B service (WANDB_SERVICE, set by wandb in a process that started one):
+    a launched command starts its own, as a user's would. Sharing one made a rerun after a
+    SIGKILL fail with "run ID … is in use" (the killed run's stream was still registered)."""
+    private = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "WANDB_SERVICE")
+    env = {k: v for k, v in os.environ.items() if k not in private}
     return env if threads is None else env | {"OMP_NUM_THREADS": str(threads)}
 
 
@@ -116,7 +121,7 @@ def run_ranks(
     with every rank's traceback); one that dies without a result stops the others at once.
     """
     per_rank = threads if threads is not None else max(1, (os.cpu_count() or 1) // world)
-    port, env = free_port(), dict(os.environ)
+    port, env = free_port(), launcher_env(threads=None)
     with tempfile.TemporaryDirectory() as out:
         call = (list(sys.path), _module_of(fn), fn.__qualname__, pickle.dumps(args))
         Path(out, "call.pkl").write_bytes(pickle.dumps(call))
@@ -162,7 +167,7 @@ def start_cli_ranks(
     out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for rank in range(world):
-        rank_env = dict(env or os.environ, RANK=str(rank), WORLD_SIZE=str(world),
+        rank_env = dict(env or launcher_env(threads=None), RANK=str(rank), WORLD_SIZE=str(world),
                         LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                         OMP_NUM_THREADS=str(RANK_THREADS), PYTHONPATH=str(REPO))  # fmt: skip
         with open(out_dir / f"out{rank}.txt", "w") as out:
