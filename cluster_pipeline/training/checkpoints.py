@@ -14,10 +14,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from cluster_pipeline.run.checkpoint import CheckpointError
 
 SCHEMA_VERSION = 2
 PARTS = ("model", "optimizer", "targets", "position", "tracker")
+
+
+def to_tensor(a: np.ndarray | None) -> torch.Tensor | None:
+    """An array as a part holds it (weights_only loads read tensors, not arrays)."""
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+
+def to_array(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.numpy()
 
 
 def compose(parts: dict[str, Any], config_yaml: str) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster_pipeline.training.checkpoints import to_array, to_tensor
+
 log = logging.getLogger(__name__)
 
 
@@ -51,14 +53,6 @@ class PhaseTimer:
         return out
 
 
-def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _array(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.numpy()
-
-
 @dataclass
 class Position:
     """The epoch, and whether its targets are made (`started`); once started, the training
@@ -91,7 +85,7 @@ class Position:
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "started": self.started, "step": self.step,
-            "loss_sums": _tensor(self.loss_sums), "acc_sums": _tensor(self.acc_sums),
+            "loss_sums": to_tensor(self.loss_sums), "acc_sums": to_tensor(self.acc_sums),
             "seconds": self.timer.snapshot(), "world": self.world,
         }  # fmt: skip
 
@@ -99,6 +93,6 @@ class Position:
     def from_state_dict(cls, state: dict[str, Any]) -> Position:
         return cls(
             epoch=state["epoch"], started=state["started"], step=state["step"],
-            loss_sums=_array(state["loss_sums"]), acc_sums=_array(state["acc_sums"]),
+            loss_sums=to_array(state["loss_sums"]), acc_sums=to_array(state["acc_sums"]),
             timer=PhaseTimer(state["seconds"]), world=state["world"],
         )  # fmt: skip

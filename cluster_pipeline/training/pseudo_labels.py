@@ -1,6 +1,6 @@
 """Features to pseudo-labels on every rank: extract -> gather -> cluster -> broadcast.
 
-`cluster.mode` is decided here and only here, by `clustering_mode`:
+`cluster.mode` is decided here and only here, by `place_features`:
 - gather: rank 0 gathers every feature, clusters them alone, and broadcasts the labels;
 - sharded: the features stay on their rank, the ranks cluster them together (k x d sums per
   iteration) and all-gather the labels.
@@ -31,29 +31,27 @@ from cluster_pipeline.training.position import PhaseTimer
 Extracted = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-class ClusteringMode(Protocol):
-    """Where the features go, who clusters them, and how the labels reach every rank."""
+class Placed(Protocol):
+    """Features where clustering needs them: they know who clusters them and how the labels
+    reach every rank."""
 
-    def place(self, extracted: Extracted, n: int) -> object: ...
-    def cluster(self, placed: object, c: ClusterConfig, seed: int) -> kmeans.Clustering | None: ...
-    def labels(self, clusters: kmeans.Clustering | None, placed: object, n: int) -> np.ndarray: ...
+    def cluster(self, c: ClusterConfig, seed: int) -> kmeans.Clustering | None: ...
+    def labels(self, clusters: kmeans.Clustering | None) -> np.ndarray: ...
 
 
 @dataclasses.dataclass(frozen=True)
-class Gather:
-    """cluster.mode=gather: rank 0 holds N x d and clusters it."""
+class OnRank0:
+    """cluster.mode=gather: rank 0 holds N x d and clusters it (`gathered` None elsewhere)."""
 
     ctx: dist.DistContext
+    gathered: Gathered | None
+    n: int
 
-    def place(self, extracted: Extracted, n: int) -> Gathered | None:
-        idx, feats, skipped = extracted
-        return gather_features(self.ctx, idx, feats, n, skipped)
+    def cluster(self, c: ClusterConfig, seed: int) -> kmeans.Clustering | None:
+        return dist.on_rank0(self.ctx, _cluster_gathered, self.gathered, c, seed)
 
-    def cluster(self, placed: object, c: ClusterConfig, seed: int) -> kmeans.Clustering | None:
-        return dist.on_rank0(self.ctx, _cluster_gathered, placed, c, seed)
-
-    def labels(self, clusters: kmeans.Clustering | None, placed: object, n: int) -> np.ndarray:
-        return broadcast_labels(self.ctx, clusters.labels if clusters else None, n)
+    def labels(self, clusters: kmeans.Clustering | None) -> np.ndarray:
+        return broadcast_labels(self.ctx, clusters.labels if clusters else None, self.n)
 
 
 def _cluster_gathered(gathered: Gathered, c: ClusterConfig, seed: int) -> kmeans.Clustering:
@@ -64,27 +62,27 @@ def _cluster_gathered(gathered: Gathered, c: ClusterConfig, seed: int) -> kmeans
 
 
 @dataclasses.dataclass(frozen=True)
-class Sharded:
+class OnEveryRank:
     """cluster.mode=sharded: every rank keeps its own rows; nothing holds N x d."""
 
     ctx: dist.DistContext
+    shard: Shard
 
-    def place(self, extracted: Extracted, n: int) -> Shard:
-        idx, feats, skipped = extracted
-        return Shard(idx, feats, skipped, n)
+    def cluster(self, c: ClusterConfig, seed: int) -> kmeans.Clustering | None:
+        return cluster_shard(self.ctx, self.shard, c, seed)
 
-    def cluster(self, placed: object, c: ClusterConfig, seed: int) -> kmeans.Clustering | None:
-        assert isinstance(placed, Shard)
-        return cluster_shard(self.ctx, placed, c, seed)
-
-    def labels(self, clusters: kmeans.Clustering | None, placed: object, n: int) -> np.ndarray:
-        assert isinstance(placed, Shard) and clusters is not None
-        return all_gather_labels(self.ctx, placed.index, clusters.labels, placed.skipped, n)
+    def labels(self, clusters: kmeans.Clustering | None) -> np.ndarray:
+        assert clusters is not None  # every rank clusters in sharded mode
+        sh = self.shard
+        return all_gather_labels(self.ctx, sh.index, clusters.labels, sh.skipped, sh.num_samples)
 
 
-def clustering_mode(ctx: dist.DistContext, c: ClusterConfig) -> ClusteringMode:
-    """The one place where cluster.mode is read."""
-    return Sharded(ctx) if c.mode == "sharded" else Gather(ctx)
+def place_features(ctx: dist.DistContext, c: ClusterConfig, extracted: Extracted, n: int) -> Placed:
+    """The one place where cluster.mode is read. Collective: call on every rank."""
+    idx, feats, skipped = extracted
+    if c.mode == "sharded":
+        return OnEveryRank(ctx, Shard(idx, feats, skipped, n))
+    return OnRank0(ctx, gather_features(ctx, idx, feats, n, skipped), n)
 
 
 def pseudo_labels(
@@ -102,15 +100,14 @@ def pseudo_labels(
 
     Collective: call on every rank.
     """
-    mode = clustering_mode(ctx, c)
     with timer("extract"):
         extracted = extract()
     with timer("gather"):
-        placed = mode.place(extracted, n)
+        placed = place_features(ctx, c, extracted, n)
     del extracted  # else the next N x d arrays arrive while these live
     before_clustering()
     with timer("cluster"):
-        clusters = mode.cluster(placed, c, seed)
+        clusters = placed.cluster(c, seed)
     with timer("broadcast"):
-        labels = mode.labels(clusters, placed, n)
+        labels = placed.labels(clusters)
     return labels, clusters

@@ -30,13 +30,17 @@ def stream_seed(seed: int, stream: Stream, epoch: int = 0, rank: int = 0, step: 
         return seed if epoch < 0 else seed * 7919 + epoch
     if stream is Stream.EPOCH:
         return seed * 1_000_003 + epoch
-    augment, dropout = np.random.SeedSequence([seed, epoch, rank, step]).generate_state(
-        2, np.uint64
-    )
-    return int(augment if stream is Stream.AUGMENT else dropout) >> 1
+    augment, dropout = _step_seeds(seed, epoch, rank, step)
+    return augment if stream is Stream.AUGMENT else dropout
+
+
+def _step_seeds(seed: int, epoch: int, rank: int, step: int) -> tuple[int, int]:
+    a, b = np.random.SeedSequence([seed, epoch, rank, step]).generate_state(2, np.uint64)
+    return int(a) >> 1, int(b) >> 1
 
 
 def seed_step(gen: torch.Generator, seed: int, epoch: int, rank: int, step: int) -> None:
     """Seed a training step's augmentation (`gen`) and dropout (torch's global RNG)."""
-    gen.manual_seed(stream_seed(seed, Stream.AUGMENT, epoch, rank, step))
-    torch.manual_seed(stream_seed(seed, Stream.DROPOUT, epoch, rank, step))
+    augment, dropout = _step_seeds(seed, epoch, rank, step)  # one derivation for both
+    gen.manual_seed(augment)
+    torch.manual_seed(dropout)

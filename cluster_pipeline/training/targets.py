@@ -21,6 +21,7 @@ from cluster_pipeline.config import Config, ConfigError
 from cluster_pipeline.data.reader import ShardIndex
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import ClusterNet, reset_head
+from cluster_pipeline.training.checkpoints import to_array, to_tensor
 from cluster_pipeline.training.pseudo_labels import pseudo_labels
 from cluster_pipeline.training.seeding import Stream, stream_seed
 
@@ -30,14 +31,6 @@ if TYPE_CHECKING:
 
 # (metrics key, column title, decimals) of the table printed on rank 0, one row per epoch.
 Columns = tuple[tuple[str, str, int], ...]
-
-
-def _tensor(a: np.ndarray | None) -> torch.Tensor | None:
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _array(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.numpy()
 
 
 class Targets:
@@ -81,7 +74,7 @@ class Targets:
         return self.labels
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "head": self.head, "labels": _tensor(self.labels)}
+        return {"kind": self.kind, "head": self.head, "labels": to_tensor(self.labels)}
 
     def load_state_dict(self, state: dict[str, Any], run_dir: Path) -> None:
         if state["kind"] != self.kind:
@@ -89,7 +82,7 @@ class Targets:
                 f"{run_dir} holds a run trained on {state['kind']} targets ({state['head']}), "
                 f"not {self.kind} ones; continue it with its own command or choose another run.dir"
             )
-        self.labels = _array(state["labels"])
+        self.labels = to_array(state["labels"])
 
 
 DEEPCLUSTER_COLUMNS: Columns = (
@@ -154,12 +147,12 @@ class DeepClusterTargets(Targets):
         return self.prev_labels
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"prev_labels": _tensor(self.prev_labels),
+        return super().state_dict() | {"prev_labels": to_tensor(self.prev_labels),
                                        "kmeans": self.kmeans}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any], run_dir: Path) -> None:
         super().load_state_dict(state, run_dir)
-        self.prev_labels, self.kmeans = _array(state["prev_labels"]), state["kmeans"]
+        self.prev_labels, self.kmeans = to_array(state["prev_labels"]), state["kmeans"]
 
 
 FIXED_COLUMNS: Columns = (
