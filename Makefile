@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-datapath bench-verify bench-gather \
+.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-startup bench-datapath bench-verify bench-gather \
 	bench-epoch bench-quality bench-specialists bench-activations launch clean
 
 venv: $(STAMP)
@@ -38,14 +38,17 @@ demo: data/mnist5k/index.json
 # section: NODES GPUS_PER_NODE TASKS_PER_NODE CPUS_PER_TASK MEM_GB TIME (minutes) PARTITION
 # ACCOUNT QOS CONSTRAINT SIGNAL_DELAY_S MAX_TIMEOUTS; RUN_DIR names the run directory;
 # OVERRIDES="k=v ...". RESUME=<run dir> resubmits a training run from its last checkpoint with
-# its saved config, as the command it was launched with (or COMMAND, when given).
+# its saved config, as the command it was launched with (or COMMAND, when given). The request is
+# checked against the partition first (one line per mismatch, exit 2); the GPUs, tasks and CPUs
+# per node the config leaves unset fit its nodes. DRY_RUN=1 prints the checks and the sbatch
+# script and submits nothing.
 COMMAND ?= train
 CONFIG ?= $(if $(filter train train-supervised pretrain-rotnet extract,$(COMMAND)),configs/demo_mnist.yaml)
 SLURM_VARS := NODES=nodes GPUS_PER_NODE=gpus_per_node TASKS_PER_NODE=tasks_per_node \
 	CPUS_PER_TASK=cpus_per_task MEM_GB=mem_gb TIME=timeout_min PARTITION=partition \
 	ACCOUNT=account QOS=qos CONSTRAINT=constraint SIGNAL_DELAY_S=signal_delay_s \
 	MAX_TIMEOUTS=max_num_timeout
-LAUNCH_ARGS = $(if $(RESUME),--resume $(RESUME) $(if $(filter-out file,$(origin COMMAND)),$(COMMAND)),$(COMMAND) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)) \
+LAUNCH_ARGS = $(if $(filter-out 0,$(DRY_RUN)),--dry-run) $(if $(RESUME),--resume $(RESUME) $(if $(filter-out file,$(origin COMMAND)),$(COMMAND)),$(COMMAND) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)) \
 	$(foreach v,$(SLURM_VARS),$(if $($(firstword $(subst =, ,$(v)))),slurm.$(lastword $(subst =, ,$(v)))=$($(firstword $(subst =, ,$(v)))))) \
 	$(if $(RUN_DIR),run.dir=$(RUN_DIR)) $(OVERRIDES)
 
@@ -75,7 +78,7 @@ format: $(STAMP)
 
 # Benchmarks are not tests: each prints ratios measured side by side in one run and replaces its
 # own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
-bench: bench-clustering bench-datapath bench-verify bench-gather bench-epoch bench-quality bench-specialists \
+bench: bench-clustering bench-startup bench-datapath bench-verify bench-gather bench-epoch bench-quality bench-specialists \
 	bench-activations
 
 # kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min), and
@@ -92,6 +95,12 @@ bench-reader-ab: $(STAMP)
 
 bench-datapath: $(STAMP)
 	$(PY) -m bench.datapath
+
+# An attempt's start-up (launcher to first training step) of this tree against BASE, 3 pairs of
+# 1-epoch digits runs in turns (about 2 min): make bench-startup BASE=9bf54a2.
+BASE_STARTUP ?= 9bf54a2
+bench-startup: $(STAMP)
+	$(PY) -m bench.startup --base $(or $(BASE),$(BASE_STARTUP))
 
 # make-shards --verify vs --no-verify on 10k ImageNet-size JPEGs in class folders, 2 workers:
 # images/s of each and their ratio (about 2 min on 2 cores, half of it writing the tree).

@@ -1,5 +1,5 @@
 import sys
 
-from cluster_pipeline.cli import main
+from cluster_pipeline.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,9 @@ from cluster_pipeline.data.sources import SourceError
 from cluster_pipeline.features.extract import run_extract
 from cluster_pipeline.models.weights import config_for_weights
 from cluster_pipeline.run.checkpoint import CheckpointError
+from cluster_pipeline.run.lock import RunDirInUse
 from cluster_pipeline.run.logs import log_error_to_files
-from cluster_pipeline.run.stop import StopFlag, Stopped
+from cluster_pipeline.run.stop import StopFlag, Stopped, follow_launcher, ignore_stop_signals
 from cluster_pipeline.training.clusterfit import clusterfit_config
 from cluster_pipeline.training.methods import (
     Requeue,
@@ -217,14 +219,20 @@ def configured_command(name: str) -> Command:
     raise ConfigError(f"unknown command {name!r}: the launcher runs {', '.join(COMMANDS)}")
 
 
-def run_configured(args: argparse.Namespace) -> None:
-    """`cluster-pipeline COMMAND` for a command of COMMANDS. Collective: call on every rank."""
+def run_configured(args: argparse.Namespace, restore_handlers: bool = True) -> None:
+    """`cluster-pipeline COMMAND` for a command of COMMANDS. Collective: call on every rank.
+
+    A training command stops on Ctrl-C, SIGTERM, SIGUSR2 or SIGHUP: checkpoint at the next step
+    boundary, then exit 75 (a second Ctrl-C aborts at once)."""
     command = COMMANDS[args.command]
     cfg = command.config(args)
     flag = StopFlag()
-    if command.trains:
-        flag.install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, then exit 75
-    command.run(args, cfg, flag, None)
+    previous = flag.install() if command.trains else {}
+    try:
+        command.run(args, cfg, flag, None)
+    finally:
+        for s, handler in previous.items() if restore_handlers else ():
+            signal.signal(s, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,36 +347,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# A launcher's directory where each rank leaves its exit status (launch.local): torchrun itself
-# exits 1 whatever its ranks' statuses were.
-EXIT_DIR_ENV = "CLUSTER_PIPELINE_EXIT_DIR"
-
-
-def main(argv: list[str] | None = None) -> int:
-    status = 1
-    try:
-        status = run_command(argv)
-    finally:
-        record_exit_status(status)
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
+    """`cluster-pipeline ARGV`; returns its exit status. `own_process`: the command is this
+    process's only work (`python -m cluster_pipeline`, a rank): it stops when its launcher dies,
+    and once its work is done, a stop signal arriving while it exits is ignored. Otherwise (a
+    caller's process) the signal handlers are restored after the command."""
+    if own_process:
+        follow_launcher()
+    status = run_command(argv, own_process)
+    if own_process and status == 0:
+        ignore_stop_signals()
     return status
 
 
-def record_exit_status(status: int) -> None:
-    """This rank's exit status as `rank<RANK>` in $CLUSTER_PIPELINE_EXIT_DIR, when set."""
-    folder = os.environ.get(EXIT_DIR_ENV)
-    if folder and os.path.isdir(folder):
-        path = Path(folder) / f"rank{os.environ.get('RANK', '0')}"
-        path.write_text(str(status))
+def entry() -> int:
+    """The `cluster-pipeline` program and `python -m cluster_pipeline`: a process of its own."""
+    return main(own_process=True)
 
 
-def run_command(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str] | None = None, own_process: bool = False) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in COMMANDS:
-            run_configured(args)
+            run_configured(args, restore_handlers=not own_process)
         else:
             args.func(args)
-    except (ConfigError, ShardError, SourceError, FileNotFoundError) as exc:
+    except (ConfigError, ShardError, SourceError, FileNotFoundError, RunDirInUse) as exc:
         log_error_to_files(str(exc))  # the rank's log ends with what went wrong, too
         print(f"cluster-pipeline {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -2,9 +2,13 @@
 
 tests/slurm/start_local_slurm.sh brings up munged, MariaDB + slurmdbd (accounting: submitit
 reads job states with sacct), slurmctld and two slurmd nodes, n1 and n2, on loopback; it needs
-root on Debian 12 and apt-installs the missing packages. The fixture starts only what is not
-already running, and at the end of the session it cancels the jobs submitted during the session
-and stops, by PID, exactly the daemons it started: a cluster that was up before stays up.
+root on Debian 12 and apt-installs the missing packages. Besides the default partition
+"debug" it has two over the same nodes for a real preemption: a job in "high" preempts one in
+"low" (PreemptMode=REQUEUE, GraceTime=GRACE_S). A cluster that runs an older slurm.conf is
+restarted by the script; if it still lacks these, the fixture fails and says what is missing.
+The fixture starts only what is not already running, and at the end of the session it cancels
+the jobs submitted during the session and stops, by PID, exactly the daemons it started: a
+cluster that was up before stays up.
 
 It never skips: without root, or when the cluster does not come up, every test that uses it
 fails with the reason, the script's output and the tail of the daemons' logs. Deselect those
@@ -36,6 +40,10 @@ START_SCRIPT = SCRIPTS / "start_local_slurm.sh"
 STOP_SCRIPT = SCRIPTS / "stop_local_slurm.sh"
 LOG_DIR = Path("/var/log/slurm")
 PARTITION = "debug"
+# Preemption (slurm.conf of the start script): a job in PREEMPTING takes the nodes of a job in
+# PREEMPTIBLE, which gets SIGTERM, GRACE_S seconds, then SIGKILL and a requeue.
+PREEMPTIBLE, PREEMPTING, GRACE_S = "low", "high", 20
+PREEMPT_TYPE = "preempt/partition_prio"
 NODES = ("n1", "n2")
 START_TIMEOUT_S = 300  # a cold start on a bare machine includes apt-get install
 STOP_TIMEOUT_S = 180
@@ -99,6 +107,9 @@ def _script_env() -> dict[str, str]:
         "SLURM_LOCAL_NODES": str(len(NODES)),
         "SLURM_LOCAL_ACCOUNTING": "1",
         "SLURM_LOCAL_PARTITION": PARTITION,
+        "SLURM_LOCAL_PREEMPTIBLE": PREEMPTIBLE,
+        "SLURM_LOCAL_PREEMPTING": PREEMPTING,
+        "SLURM_LOCAL_GRACE_S": str(GRACE_S),
         "SLURM_LOCAL_WAIT": "120",
     }
     env.update({k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")})  # for apt
@@ -328,6 +339,16 @@ def _start(workdir: Path) -> SlurmCluster:
             f"{log_tails(lines=20)}" + (f"\n----- cleanup: {stop_error}" if stop_error else ""),
             pytrace=False,
         )
+    stale = stale_config()
+    if stale:
+        stop_error = _stop([d for d in now if d not in before])
+        pytest.fail(
+            f"the local SLURM cluster runs an older slurm.conf: {stale}. {START_SCRIPT.name} "
+            f"restarts slurmctld and slurmd when /etc/slurm/slurm.conf differs from the one it "
+            f"writes; here they did not pick it up. Stop the cluster ({STOP_SCRIPT}) and rerun."
+            + (f"\n----- cleanup: {stop_error}" if stop_error else ""),
+            pytrace=False,
+        )
     cluster = SlurmCluster(
         workdir=workdir,
         preexisting=before,
@@ -338,6 +359,35 @@ def _start(workdir: Path) -> SlurmCluster:
     )
     cluster.jobs_before = frozenset(cluster.queued_jobs())
     return cluster
+
+
+def stale_config() -> str:
+    """What the running slurmctld lacks of the slurm.conf that the tests need, or ""."""
+    try:
+        config = subprocess.run(
+            ["scontrol", "show", "config"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=slurm_env(),
+            check=False,
+        ).stdout
+        parts = subprocess.run(
+            ["scontrol", "show", "partition", "-o"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=slurm_env(),
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"scontrol does not answer ({e})"
+    missing = []
+    if f"PreemptType             = {PREEMPT_TYPE}" not in config:
+        missing.append(f"PreemptType={PREEMPT_TYPE}")
+    names = {w.split("=", 1)[1] for w in parts.split() if w.startswith("PartitionName=")}
+    missing += [f"partition {p}" for p in (PARTITION, PREEMPTIBLE, PREEMPTING) if p not in names]
+    return ", ".join(f"no {m}" for m in missing)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import pytest
 from cluster_pipeline.run.wandb_file import read_wandb_history
 from cluster_pipeline.testing.limits import limit
 from cluster_pipeline.testing.multiproc import RANK_THREADS, launcher_env
+from cluster_pipeline.training.targets import DEEPCLUSTER_COLUMNS
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 
@@ -58,6 +59,19 @@ def test_two_rank_run_writes_metrics_with_every_key(two_rank_run: Path) -> None:
     for name in ("config.yaml", "report.png", "logs/rank0.log", "logs/rank1.log"):
         assert (two_rank_run / name).is_file(), name
     assert len(list((two_rank_run / "checkpoints").glob("checkpoint-*.pt"))) == 2
+
+
+def test_the_log_a_user_follows_shows_the_epoch_table(two_rank_run: Path) -> None:
+    """logs/rank0.log (what the launchers' "follow" hint tails) has the epoch table as stdout
+    prints it, and no DEBUG lines; those are in rank0.debug.log."""
+    log = (two_rank_run / "logs" / "rank0.log").read_text()
+    header = " ".join(f"{title:>9}" for _, title, _ in DEEPCLUSTER_COLUMNS)
+    assert log.count(header) == 1, log[-3000:]
+    table = [line.split(": ", 1)[1] for line in log.splitlines() if ": " in line]
+    assert sum(line.split()[0] in ("0", "1") for line in table if line.strip()) >= 2, log
+    assert " DEBUG " not in log
+    debug = (two_rank_run / "logs" / "rank0.debug.log").read_text()
+    assert "phase train started" in debug and header in debug
 
 
 def test_no_cluster_is_empty(two_rank_run: Path) -> None:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from cluster_pipeline.clustering import exact
+from cluster_pipeline.clustering import exact, metrics
 from cluster_pipeline.clustering import kmeans as km
 from cluster_pipeline.clustering import pca as pca_module
 from cluster_pipeline.clustering.exact import squared_distances
@@ -424,3 +424,25 @@ def test_assign_equals_brute_force_argmin(monkeypatch: pytest.MonkeyPatch, block
     np.testing.assert_array_equal(labels, d2.argmin(axis=1))
     sq = squared_distances(x, centroids, labels)
     np.testing.assert_allclose(sq, d2.min(axis=1), rtol=1e-12)
+
+
+def test_nmi_and_ari_are_scikit_learns() -> None:
+    """metrics.nmi/ari compute scikit-learn's definitions without importing it (start-up), to
+    the bit (runs resumed across this change keep their metrics): random labelings of many
+    sizes, partly agreeing, and the degenerate cases."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    cases = [([0, 0], [1, 1]), ([0, 1], [0, 0]), ([0, 1], [1, 0]), ([3], [5]),
+             ([0, 0, 1, 1], [0, 1, 0, 1]), ([7, 7, 2], [1, 1, 1])]  # fmt: skip
+    for _ in range(200):
+        n, ka, kb = rng.integers(1, 2000), rng.integers(1, 40), rng.integers(1, 40)
+        a = rng.integers(0, ka, n)
+        b = np.where(rng.random(n) < rng.random(), a, rng.integers(0, kb, n))
+        cases.append((a * 1000 + 5, b))  # labels need not be 0..k-1
+    for a, b in cases:
+        a, b = np.asarray(a), np.asarray(b)
+        assert metrics.nmi(a, b) == normalized_mutual_info_score(a, b)
+        assert metrics.ari(a, b) == adjusted_rand_score(a, b)
+    skipped = np.array([0, 1, -1, 1])  # -1: a sample skipped as unreadable is left out
+    assert metrics.nmi(skipped, np.array([0, 1, 0, 1])) == 1.0

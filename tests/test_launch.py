@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,8 +19,20 @@ import pytest
 
 from cluster_pipeline import cli
 from cluster_pipeline.config import ConfigError, load_config, to_yaml
-from cluster_pipeline.launcher.job import rendezvous_port, requeue_on_usr2
-from cluster_pipeline.launcher.slurm import COMMAND_FILE, command_line, describe, slurm_parameters
+from cluster_pipeline.launcher import cluster
+from cluster_pipeline.launcher import job as job_module
+from cluster_pipeline.launcher.cluster import fit_request, read_partition, scontrol_record
+from cluster_pipeline.launcher.job import failed_nodes, rendezvous_port, requeue_on_stop, situation
+from cluster_pipeline.launcher.slurm import (
+    COMMAND_FILE,
+    SubmitError,
+    check_one_writer,
+    command_line,
+    describe,
+    judge_state,
+    slurm_parameters,
+)
+from cluster_pipeline.run import lock
 from cluster_pipeline.run.stop import StopFlag
 from cluster_pipeline.testing.limits import limit
 from cluster_pipeline.training import methods
@@ -173,7 +186,7 @@ def test_what_the_launcher_prints_follows_the_command(tmp_path: Path) -> None:
     for line in (
         "rank logs:",
         "metrics:",
-        "follow:",
+        f"follow:        squeue -j 4242; tail -f {tmp_path}/logs/rank0.log",
         f"resume:        make launch RESUME={tmp_path}",
     ):
         assert line in train, train
@@ -182,22 +195,190 @@ def test_what_the_launcher_prints_follows_the_command(tmp_path: Path) -> None:
     assert f"tail -f {tmp_path}/slurm/4242/4242_0_log.out" in evaluate, evaluate
 
 
-def test_a_training_job_records_usr2_and_requeues_through_submitits_handler() -> None:
+@pytest.fixture
+def stop_handlers() -> Iterator[None]:
+    """SIGTERM and USR2 handlers as they were before the test."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
+def test_a_training_job_records_sigterm_and_usr2_and_requeues_through_submitits_handler(
+    stop_handlers: None,
+) -> None:
     seen: list[int] = []
 
     def submitit_handler(signum: int, frame: object) -> None:
         seen.append(signum)
         sys.exit(-1)  # as submitit's does once it has requeued the job
 
-    previous = signal.signal(signal.SIGUSR2, submitit_handler)
-    try:
+    for signum in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(signal.SIGUSR2, submitit_handler)
         flag = StopFlag()
-        requeue = requeue_on_usr2(flag)
-        os.kill(os.getpid(), signal.SIGUSR2)  # recorded, not submitit's: the loop stops first
-        assert flag.poll() == signal.SIGUSR2 and seen == []
-        assert requeue(signal.SIGUSR2) is True and seen == [signal.SIGUSR2]
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
+        requeue = requeue_on_stop(flag)
+        os.kill(os.getpid(), signum)  # recorded, not submitit's: the loop stops first
+        assert flag.poll() == signum and seen == []
+        assert requeue(signum) is True and seen == [signum]
+        seen.clear()
+
+
+# `scontrol show job -o` and `scontrol show node -o` as SLURM 22.05 prints them (shortened).
+JOB = ("JobId={job} JobName=demo_mnist UserId=root(0) JobState={state} Reason=None "
+       "Dependency=(null) Requeue=1 Restarts={restarts} BatchFlag=1 Reboot=0 ExitCode=0:0 "
+       "RunTime=00:00:12 TimeLimit=00:20:00 PreemptEligibleTime=2026-12-02T18:20:54 "
+       "PreemptTime={preempt} Partition=low NodeList=n[1-2] NumNodes=2 NumCPUs=2")  # fmt: skip
+NODE = ("NodeName={name} Arch=x86_64 CoresPerSocket=2 CPUAlloc=0 CPUEfctv={cpus} "
+        "CPUTot={cpus} Gres={gres} NodeAddr=127.0.0.1 Version=22.05.8 OS=Linux 6.1 #1 SMP "
+        "RealMemory=21694 State={state} ThreadsPerCore=1 Partitions={partitions} "
+        "Reason={reason}")  # fmt: skip
+
+
+def job_record(state: str = "RUNNING", restarts: int = 0, preempt: str = "None") -> dict:
+    return scontrol_record(JOB.format(job=42, state=state, restarts=restarts, preempt=preempt))
+
+
+def node_record(name: str, state: str = "IDLE", gres: str = "(null)", cpus: int = 2,
+                reason: str = "(null)", partitions: str = "debug,low,high") -> dict:  # fmt: skip
+    return scontrol_record(NODE.format(name=name, state=state, gres=gres, cpus=cpus,
+                                       reason=reason, partitions=partitions))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("job", "sacct", "calls", "result"),
+    [
+        (job_record("COMPLETING", restarts=1), "REQUEUED", [], True),  # scontrol requeue
+        (job_record("RUNNING", preempt="2026-12-02T18:21:05"), "RUNNING", [15], True),  # grace
+        (job_record("COMPLETING"), "CANCELLED", [], False),  # scancel: stays cancelled
+        (job_record("COMPLETING"), "TIMEOUT", [15], True),
+    ],
+)
+def test_a_stop_requeues_unless_slurm_does_or_the_job_was_cancelled(
+    monkeypatch: pytest.MonkeyPatch, stop_handlers: None, job: dict, sacct: str,
+    calls: list[int], result: bool,
+) -> None:  # fmt: skip
+    seen: list[int] = []
+
+    def submitit_handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+        sys.exit(-1)
+
+    signal.signal(signal.SIGUSR2, submitit_handler)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(job_module, "node_events", lambda names, since: [])  # no sacctmgr
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.setattr(job_module, "shown", lambda kind, name: [job] if kind == "job" else [])
+    monkeypatch.setattr(job_module, "sacct_state", lambda job_id: sacct)
+    assert requeue_on_stop(StopFlag())(signal.SIGTERM) is result
+    assert seen == calls
+
+
+def test_a_failed_scontrol_requeue_is_one_warning(
+    monkeypatch: pytest.MonkeyPatch, stop_handlers: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    def submitit_handler(signum: int, frame: object) -> None:
+        raise subprocess.CalledProcessError(1, ["scontrol", "requeue", "42"])
+
+    signal.signal(signal.SIGUSR2, submitit_handler)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setattr(job_module, "node_events", lambda names, since: [])  # no sacctmgr
+    monkeypatch.setattr(
+        job_module, "shown", lambda kind, name: [job_record()] if kind == "job" else []
+    )
+    assert requeue_on_stop(StopFlag())(signal.SIGTERM) is False
+    assert "job 42: could not requeue it" in caplog.text
+
+
+def test_rank_0_says_which_node_failed_and_whether_slurm_requeued() -> None:
+    nodes = [
+        node_record("n1", "ALLOCATED"),
+        node_record("n2", "DOWN+DRAIN", reason="test [root@18:30]"),
+    ]
+    line = situation(job_record("COMPLETING", restarts=1), failed_nodes(nodes), attempt=0)
+    assert line == ("job 42 attempt 0: COMPLETING; SLURM has requeued it; failed node(s): "
+                    "n2 (DOWN+DRAIN, Reason=test [root@18:30])"), line  # fmt: skip
+    line = situation(job_record(preempt="2026-12-02T18:21:05"), [], 0)
+    assert (
+        line
+        == "job 42 attempt 0: RUNNING, preempted at 2026-12-02T18:21:05; SLURM has not requeued it"
+    )
+    assert failed_nodes([node_record("n1", "IDLE*")]) == ["n1 (IDLE*, not responding)"]
+
+
+def test_launch_wait_is_not_fooled_by_a_requeued_node_failure() -> None:
+    final, line = judge_state("42", "PENDING", "NODE_FAIL")
+    assert not final and line == ("job 42: NODE_FAIL: a node of the job failed; SLURM requeued it "
+                                  "(PENDING), waiting")  # fmt: skip
+    assert judge_state("42", "RUNNING", "PREEMPTED")[0] is False
+    assert judge_state("42", "RUNNING", "RUNNING") == (False, "")
+    final, line = judge_state("42", None, "NODE_FAIL")
+    assert final and line == "job 42: NODE_FAIL: a node of the job failed; not requeued"
+    assert judge_state("42", None, "COMPLETED") == (True, "")
+    assert judge_state("42", None, "REQUEUED") == (False, "")  # between squeue and sacct
+
+
+def cpu_and_gpu_nodes(kind: str, name: str = "") -> list[dict]:
+    if kind == "partition":
+        return [
+            scontrol_record("PartitionName=debug Default=YES MaxTime=UNLIMITED Nodes=n[1-2]"),
+            scontrol_record("PartitionName=gpu Default=NO MaxTime=2-00:00:00 Nodes=g1"),
+        ]
+    return [node_record("n1"), node_record("n2"),
+            node_record("g1", gres="gpu:a100:8(S:0-1)", cpus=96, partitions="gpu")]  # fmt: skip
+
+
+def test_a_request_is_fitted_to_its_partition_or_refused_in_one_line_per_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cluster, "scontrol_show", cpu_and_gpu_nodes)
+    cpu = read_partition()
+    assert (
+        cpu.name == "debug" and [n.cpus for n in cpu.nodes] == [2, 2] and cpu.max_time_min is None
+    )
+    s = load_config(REPO / DEMO, ["slurm.nodes=2"]).slurm  # no GPUs, tasks or CPUs set
+    assert fit_request(s, cpu) == []
+    assert (s.gpus_per_node, s.tasks_per_node, s.cpus_per_task) == (0, 1, 2)
+    gpu = read_partition("gpu")
+    assert gpu.max_time_min == 2880 and gpu.nodes[0].gpus == 8
+    s = load_config(REPO / DEMO).slurm
+    assert fit_request(s, gpu) == [] and (s.gpus_per_node, s.tasks_per_node, s.cpus_per_task) == (
+        8,
+        8,
+        12,
+    )
+    s = load_config(REPO / DEMO, ["slurm.tasks_per_node=2"]).slurm  # TASKS_PER_NODE=2
+    assert fit_request(s, gpu) == [] and (s.gpus_per_node, s.tasks_per_node, s.cpus_per_task) == (
+        2,
+        2,
+        48,
+    )
+    s = load_config(REPO / DEMO, ["slurm.tasks_per_node=2"]).slurm
+    assert fit_request(s, cpu) == [] and (s.gpus_per_node, s.tasks_per_node, s.cpus_per_task) == (
+        0,
+        2,
+        1,
+    )
+    s = load_config(REPO / DEMO, ["slurm.gpus_per_node=8", "slurm.cpus_per_task=3",
+                                  "slurm.timeout_min=1", "slurm.mem_gb=100"]).slurm  # fmt: skip
+    assert fit_request(s, cpu) == [
+        "slurm.gpus_per_node=8: the partition debug has no GPUs (no gpu in its nodes' Gres); "
+        "GPUS_PER_NODE=0 runs a CPU job",
+        "slurm.cpus_per_task=3: 8 task(s) per node need 24 CPUs, but the partition debug has at "
+        "most 2 CPUs per node; lower CPUS_PER_TASK to 1",
+        "slurm.mem_gb=100: the partition debug has at most 21 GB (21694 MB) per node",
+        "slurm.signal_delay_s=120: the time limit slurm.timeout_min=1 is 60 s; keep the signal "
+        "delay under half of it (raise TIME or lower SIGNAL_DELAY_S)",
+    ]
+    s = load_config(REPO / DEMO, ["slurm.nodes=3", "slurm.timeout_min=4000"]).slurm
+    assert fit_request(s, gpu) == [
+        "slurm.nodes=3: the partition gpu has 1 node(s) with 8 GPUs and 96 CPUs (1 in all)",
+        "slurm.timeout_min=4000: the partition gpu has MaxTime=2880 minutes; TIME=2880 fits",
+    ]
+    with pytest.raises(cluster.ClusterError, match=r"slurm\.partition=nope: no such partition; the "
+                       r"cluster has debug, gpu"):  # fmt: skip
+        read_partition("nope")
+    with pytest.raises(ConfigError, match=r"slurm\.tasks_per_node=2 but slurm\.gpus_per_node=8"):
+        load_config(REPO / DEMO, ["slurm.gpus_per_node=8", "slurm.tasks_per_node=2"])
 
 
 @pytest.mark.slow
@@ -209,3 +390,15 @@ def test_launch_without_slurm_fails_at_once() -> None:
     assert res.returncode == 2
     assert "no SLURM here (sbatch is not on PATH)" in res.stderr
     assert "launch.local" in res.stderr
+
+
+def test_a_run_directory_held_by_a_live_run_is_refused(tmp_path: Path) -> None:
+    """The lock of a run on this host that is alive (this process) refuses a submission on
+    its run directory, naming the holder; a stale lock does not."""
+    (tmp_path / ".lock").write_text(json.dumps(lock.this_holder()))
+    with pytest.raises(
+        SubmitError, match=rf"run directory {tmp_path} is in use by pid {os.getpid()}"
+    ):
+        check_one_writer(tmp_path)
+    (tmp_path / ".lock").write_text(json.dumps(lock.this_holder() | {"pid": 2**22 + 1}))
+    check_one_writer(tmp_path)

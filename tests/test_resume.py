@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,19 +146,35 @@ def test_stop_and_resume_is_bit_identical(
     assert metric_values(run_dir) == metric_values(reference)
 
 
-def torchrun(args: list[str]) -> subprocess.Popen:
-    env = launcher_env()
+def torchrun(args: list[str], token: str = "") -> subprocess.Popen:
+    """launch.local in a process group of its own, as a shell starts a job; every process it
+    starts inherits CLUSTER_PIPELINE_TEST_TOKEN=`token` (see processes_of)."""
+    env = launcher_env() | {"CLUSTER_PIPELINE_TEST_TOKEN": token}
     cmd = [sys.executable, "-m", "launch.local", "--nproc", "2", "train", "--config", CONFIG, *args]
     out = subprocess.PIPE
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
 
 
+def processes_of(token: str) -> list[str]:
+    """Every live process that inherited `token`, wherever it was reparented: the launcher's
+    ranks, their forkservers, resource trackers, DataLoader workers and W&B services."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"={token}".encode() in (proc / "environ").read_bytes():
+                state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+                if state != "Z":
+                    found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:120]!r}")
+        except OSError:
+            continue
+    return found
+
+
 def rank_pids(launcher: subprocess.Popen) -> list[int]:
-    """The torchrun worker processes (grandchildren of the launcher), once both are up."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", ",".join(
-        subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True)
-        .stdout.split())], capture_output=True, text=True).stdout  # fmt: skip
+    """The rank processes (the launcher's children), once both are up."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher.pid)],
+                         capture_output=True, text=True).stdout  # fmt: skip
     return [int(line.split()[0]) for line in out.splitlines() if "cluster_pipeline" in line]
 
 
@@ -168,33 +185,104 @@ def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-unty
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["sigterm-every-rank", "sigkill-one-rank"])
+# How people and machines stop a local run: the launcher's exit status (75: a stop with a
+# checkpoint; a launcher killed by SIGKILL has none of its own, its ranks stop with a checkpoint
+# on their parent-death signal; 1: any failure), and whether the test also continues the run
+# to the end (every stop writes its checkpoint the same way: three of them are continued).
+STRIKES = {
+    "ctrl-c-to-the-process-group": (75, True),
+    "sigterm-to-the-process-group": (75, False),
+    "sigterm-to-the-launcher-only": (75, False),
+    "sigterm-to-every-rank": (75, True),
+    "sigkill-of-the-launcher": (-9, False),
+    "sigkill-of-one-rank": (1, True),
+}
+
+
+def strike(how: str, launcher: subprocess.Popen) -> None:
+    pids = rank_pids(launcher)
+    assert len(pids) == 2, pids
+    if how == "ctrl-c-to-the-process-group":
+        os.killpg(launcher.pid, signal.SIGINT)
+    elif how == "sigterm-to-the-process-group":
+        os.killpg(launcher.pid, signal.SIGTERM)
+    elif how == "sigterm-to-the-launcher-only":
+        os.kill(launcher.pid, signal.SIGTERM)
+    elif how == "sigterm-to-every-rank":
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+    elif how == "sigkill-of-the-launcher":
+        os.kill(launcher.pid, signal.SIGKILL)
+    else:
+        os.kill(pids[1], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", list(STRIKES))
 def test_real_signal_then_restart_is_bit_identical(
     reference: Path, digits_shards: Path, tmp_path: Path, how: str
 ) -> None:
+    """Each way a run is stopped for real, with DataLoader workers (forkserver) on both ranks:
+    the launcher's status, no process left behind within seconds, then the same command
+    continues to the uninterrupted run's exact weights and metrics."""
     run_dir = tmp_path / "run"
-    args = overrides(digits_shards, run_dir)
-    proc = torchrun(args)
-    # Strike once training is under way: a within-epoch checkpoint of epoch 1 exists.
-    wait_for(lambda: any(p.name.startswith("checkpoint-000001-")
+    args = overrides(digits_shards, run_dir, "data.num_workers=1")
+    status, continued = STRIKES[how]
+    token = f"{how}-{os.getpid()}-{time.monotonic_ns()}"
+    proc = torchrun(args, token)
+    # Strike once training is under way: a within-epoch checkpoint exists (of epoch 1 when the
+    # run is continued, so that the continuation starts from a mid-run clustering).
+    prefix = "checkpoint-000001-" if continued else "checkpoint-00000"
+    wait_for(lambda: any(p.name.startswith(prefix) and "-" in p.name[11:]
                          for p in checkpoint.list_checkpoints(run_dir)))  # fmt: skip
-    pids = rank_pids(proc)
-    assert len(pids) == 2, pids
-    if how == "sigterm-every-rank":
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
-    else:
-        os.kill(pids[1], signal.SIGKILL)
+    strike(how, proc)
+    struck = time.monotonic()
     out, _ = proc.communicate(timeout=limit(120))
-    assert proc.returncode != 0, out[-3000:]
-    if how == "sigterm-every-rank":
-        assert "stopped on SIGTERM" in out, out[-3000:]
-    assert len(metric_values(run_dir)) < EPOCHS
+    if status == 1:  # rank 1 killed: rank 0 names it and fails
+        assert proc.returncode not in (0, 75), out[-3000:]
+        log = (run_dir / "logs" / "rank0.log").read_text()
+        assert re.search(r"rank 1 is lost: no heartbeat for \d+ s .*; rank 0 was in ", log), log
+        assert "rank 1 is lost" in out, out[-3000:]
+    else:
+        assert proc.returncode == status, out[-3000:]
+    deadline = struck + limit(15)
+    while processes_of(token) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_of(token), processes_of(token)
+    if status != 1:  # every rank stopped at a step boundary, with a checkpoint
+        log = (run_dir / "logs" / "rank0.log").read_text()
+        assert re.search(r"stopping at epoch \d+ step \d+; checkpoint", log), log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.is_file() or len(metric_values(run_dir)) < EPOCHS
+    if not continued:
+        return
     again = torchrun(args)
     out, _ = again.communicate(timeout=limit(240))
     assert again.returncode == 0, out[-3000:]
     assert weights_hash(run_dir) == weights_hash(reference)
     assert metric_values(run_dir) == metric_values(reference)
+
+
+def test_a_second_ctrl_c_aborts_at_once(digits_shards: Path, tmp_path: Path) -> None:
+    """Ctrl-C, then Ctrl-C again before the stop is done: the launcher says so and exits 130
+    at once, and leaves no process behind."""
+    run_dir = tmp_path / "run"
+    token = f"twice-{os.getpid()}-{time.monotonic_ns()}"
+    proc = torchrun(overrides(digits_shards, run_dir, "data.num_workers=1"), token)
+    wait_for(lambda: any(p.name.startswith("checkpoint-000000-")
+                         for p in checkpoint.list_checkpoints(run_dir)))  # fmt: skip
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)  # two SIGINTs at once would be one: a signal pending is not queued twice
+    os.killpg(proc.pid, signal.SIGINT)
+    struck = time.monotonic()
+    out, _ = proc.communicate(timeout=limit(60))
+    assert proc.returncode == 130, out[-3000:]
+    assert time.monotonic() - struck < limit(5)
+    assert "second Ctrl-C: aborting" in out, out[-3000:]
+    deadline = struck + limit(10)
+    while processes_of(token) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_of(token), processes_of(token)
 
 
 SCHEMA1_RUN = REPO / "tests" / "data" / "schema1-mid-epoch"  # see its README.md

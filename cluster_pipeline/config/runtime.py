@@ -59,14 +59,19 @@ class DistConfig:
 
 @dataclass
 class SlurmConfig:
-    """The SLURM job of `make launch` (launcher/slurm.py); Make variables override these."""
+    """The SLURM job of `make launch` (launcher/slurm.py); Make variables override these.
+
+    The launcher reads the partition before it submits: a request that does not fit is an
+    error there, and a field left unset (null) is set to what fits the partition's nodes.
+    """
 
     nodes: int = 1
-    # One rank per GPU. 0 means a CPU job with `tasks_per_node` ranks per node.
-    gpus_per_node: int = 8
-    # Ranks per node of a CPU job (gpus_per_node=0); ignored when there are GPUs.
-    tasks_per_node: int = 1
-    cpus_per_task: int = 10
+    # GPUs per node; unset: as many as the partition's nodes have (Gres=gpu:N), 0 on CPU nodes.
+    gpus_per_node: int | None = None
+    # Ranks per node; unset: one per GPU, or one on CPU nodes. With GPUs it must equal them.
+    tasks_per_node: int | None = None
+    # Unset: the node's CPUs shared among its ranks.
+    cpus_per_task: int | None = None
     # Memory per node in GB; 0 leaves the partition's default.
     mem_gb: int = 0
     # Walltime of one attempt; on timeout the job checkpoints and requeues itself.
@@ -77,6 +82,7 @@ class SlurmConfig:
     qos: str = ""
     constraint: str = ""
     # SLURM sends USR2 this long before the walltime: time to finish a step and checkpoint.
+    # The launcher wants it under half of timeout_min.
     signal_delay_s: int = 120
     # Requeues after timeouts before the job gives up (preemptions do not count).
     max_num_timeout: int = 20
@@ -86,11 +92,20 @@ class SlurmConfig:
     job_name: str = ""
 
     def validate(self) -> None:
+        gpus, tasks = self.gpus_per_node, self.tasks_per_node
         checks = [
             (self.nodes >= 1, f"slurm.nodes={self.nodes} must be >= 1"),
-            (self.gpus_per_node >= 0, "slurm.gpus_per_node must be >= 0"),
-            (self.tasks_per_node >= 1, "slurm.tasks_per_node must be >= 1"),
-            (self.cpus_per_task >= 1, "slurm.cpus_per_task must be >= 1"),
+            (gpus is None or gpus >= 0, "slurm.gpus_per_node must be >= 0 (0: a CPU job)"),
+            (tasks is None or tasks >= 1, "slurm.tasks_per_node must be >= 1"),
+            (
+                not gpus or tasks is None or tasks == gpus,
+                f"slurm.tasks_per_node={tasks} but slurm.gpus_per_node={gpus}: a GPU job runs "
+                "one rank per GPU; set them equal, or leave tasks_per_node unset",
+            ),
+            (
+                self.cpus_per_task is None or self.cpus_per_task >= 1,
+                "slurm.cpus_per_task must be >= 1",
+            ),
             (self.timeout_min >= 1, "slurm.timeout_min must be >= 1"),
             (self.signal_delay_s >= 0, "slurm.signal_delay_s must be >= 0"),
             (self.max_num_timeout >= 0, "slurm.max_num_timeout must be >= 0"),

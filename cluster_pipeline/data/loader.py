@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import math
+import multiprocessing.forkserver
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from cluster_pipeline.data.reader import SampleReader
+from cluster_pipeline.run.stop import shield_child
 
 
 class Batch(NamedTuple):
@@ -138,9 +140,10 @@ def batch_loader(
     batches = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
     workers: dict = {}
     if num_workers > 0:
-        torch.multiprocessing.set_forkserver_preload(["torch", __name__])
+        start_worker_server()
         workers = {
             "multiprocessing_context": "forkserver",
+            "worker_init_fn": _worker_init,
             "prefetch_factor": PREFETCH_BATCHES,
             "timeout": timeout_s,
         }
@@ -153,6 +156,25 @@ def batch_loader(
         **workers,
     )
     return BatchLoader(loader, num_workers)
+
+
+# Imported by the forkserver only, never here: it makes the process that imports it ignore
+# the stop signals and die with its parent.
+FORKSERVER_GUARD = "cluster_pipeline.data.forkserver_guard"
+
+
+def start_worker_server() -> None:
+    """Start the forkserver the DataLoader workers come from, if it is not running. Called at
+    set-up, its import of torch (seconds) overlaps the rest of the start-up instead of delaying
+    the first batch; the first loader then finds it running."""
+    torch.multiprocessing.set_forkserver_preload(["torch", __name__, FORKSERVER_GUARD])
+    multiprocessing.forkserver.ensure_running()
+
+
+def _worker_init(worker_id: int) -> None:
+    """A worker ignores the stop signals of its rank's process group (the rank stops it when
+    it stops) and dies with its parent, the forkserver, which dies with the rank."""
+    shield_child()
 
 
 def rank_partition(num_samples: int, rank: int, world: int) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Where log lines go: rank 0 to stdout, every rank to its own file in the run directory."""
+"""Where log lines go: rank 0 to stdout, every rank to its own files in the run directory.
+
+logs/rank<N>.log is what a user follows (`tail -f`): INFO and above, and on rank 0 the epoch
+table as stdout shows it. logs/rank<N>.debug.log adds this package's DEBUG lines (each phase's
+start and end, which pid a rank is).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
-    """Rank 0 logs to stdout; every rank logs to run_dir/logs/rank<N>.log, which also gets this
-    package's debug lines (the phases of each epoch)."""
+    """Rank 0 logs to stdout; every rank logs to run_dir/logs/rank<N>.log (INFO) and
+    rank<N>.debug.log (with this package's DEBUG lines)."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     logging.getLogger("cluster_pipeline").setLevel(logging.DEBUG)
@@ -28,6 +33,8 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     if run_dir is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "logs" / f"rank{rank}.log"))
+        handlers[-1].setLevel(logging.INFO)
+        handlers.append(logging.FileHandler(run_dir / "logs" / f"rank{rank}.debug.log"))
     for h in handlers:
         h.setFormatter(fmt)
         h._cluster_pipeline = True  # type: ignore[attr-defined]
@@ -35,10 +42,15 @@ def setup_logging(run_dir: Path | None, rank: int) -> None:
     log.debug("rank %d is pid %d on %s", rank, os.getpid(), socket.gethostname())
 
 
-def log_error_to_files(message: str) -> None:
-    """An error line in this rank's log file only, for an error the CLI prints to stderr
-    itself: rank 0's stdout handler would print it a second time."""
-    record = log.makeRecord("cluster_pipeline", logging.ERROR, __file__, 0, message, (), None)
+def log_to_files(message: str, level: int = logging.INFO) -> None:
+    """A line in this rank's log files only, for what the CLI prints to stdout or stderr
+    itself (an error, the epoch table): rank 0's stdout handler would print it a second time."""
+    record = log.makeRecord("cluster_pipeline", level, __file__, 0, message, (), None)
     for h in logging.getLogger().handlers:
-        if getattr(h, "_cluster_pipeline", False) and isinstance(h, logging.FileHandler):
+        ours = getattr(h, "_cluster_pipeline", False) and isinstance(h, logging.FileHandler)
+        if ours and record.levelno >= h.level:
             h.handle(record)
+
+
+def log_error_to_files(message: str) -> None:
+    log_to_files(message, logging.ERROR)

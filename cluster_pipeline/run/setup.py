@@ -9,6 +9,7 @@ import torch
 
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config, validate_against_data, validate_training
+from cluster_pipeline.data.loader import start_worker_server
 from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
 from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.training.seeding import Stream, stream_seed
@@ -24,6 +25,8 @@ def open_data_and_model(
     the check of the shards against their index: on every rank (a node may hold its own copy),
     failing every rank if one fails. Collective: call on every rank.
     """
+    if cfg.data.num_workers > 0:
+        start_worker_server()  # its start-up overlaps ours
     loaded, error = None, None
     try:
         loaded = ShardIndex.load(cfg.data.shards, allow_truncated=cfg.data.on_error == "skip")

@@ -13,9 +13,10 @@ from typing import Any
 
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config
+from cluster_pipeline.run.logs import log_to_files
 from cluster_pipeline.run.metrics_file import read_metrics
 from cluster_pipeline.run.report import write_report
-from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.rundir import prepare_run_dir, release_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.training.seeding import Stream, stream_seed
@@ -56,19 +57,22 @@ def run_training(
 
 def train(cfg: Config, ctx: dist.DistContext, targets: Targets, flag: StopFlag) -> Path:
     """`run_training` in a process group that is up. Collective: call on every rank."""
-    run_dir = prepare_run_dir(cfg, ctx)
-    index, reader, model = open_data_and_model(cfg, ctx, clusters=targets.clusters_features)
-    outputs = targets.outputs(index)
-    if outputs is not None:
-        fresh_head(model, outputs, stream_seed(cfg.train.seed, Stream.HEAD, epoch=-1))
-    s = open_session(cfg, ctx, run_dir, (index, reader, model), targets, flag)
+    run_dir = prepare_run_dir(cfg, ctx, lock=True)  # one run writes it at a time
     try:
-        train_loop(s, targets)
-    except Stopped:
-        if ctx.is_main:
-            s.tracker.finish()
-        raise
-    finish_run(s, targets)
+        index, reader, model = open_data_and_model(cfg, ctx, clusters=targets.clusters_features)
+        outputs = targets.outputs(index)
+        if outputs is not None:
+            fresh_head(model, outputs, stream_seed(cfg.train.seed, Stream.HEAD, epoch=-1))
+        s = open_session(cfg, ctx, run_dir, (index, reader, model), targets, flag)
+        try:
+            train_loop(s, targets)
+        except Stopped:
+            if ctx.is_main:
+                s.tracker.finish()
+            raise
+        finish_run(s, targets)
+    finally:
+        release_run_dir(run_dir, ctx)
     return run_dir
 
 
@@ -109,10 +113,12 @@ def training_row(s: Session, totals: EpochTotals) -> dict[str, Any]:
 
 
 def print_epoch_row(row: dict[str, Any], header: bool, columns: Columns) -> None:
-    if header:
-        print(" ".join(f"{title:>9}" for _, title, _ in columns), flush=True)
+    """The epoch's row of the table, on stdout and in rank 0's log (what `tail -f` follows)."""
     cells = ["-" if row.get(k) is None else f"{row[k]:.{d}f}" for k, _, d in columns]
-    print(" ".join(f"{c:>9}" for c in cells), flush=True)
+    lines = [" ".join(f"{title:>9}" for _, title, _ in columns)] if header else []
+    for line in [*lines, " ".join(f"{c:>9}" for c in cells)]:
+        print(line, flush=True)
+        log_to_files(line)
 
 
 def finish_run(s: Session, targets: Targets) -> None:

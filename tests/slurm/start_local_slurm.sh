@@ -11,8 +11,10 @@
 #   - a policy-rc.d created for the apt install is removed by a trap even when apt fails;
 #   - the node names n1..nN resolve (to 127.0.0.1, in /etc/hosts), as node names do on a real
 #     cluster: jobs use the first node's name as the rendezvous host.
-# Everything else, including the generated slurm.conf (byte for byte, so that a cluster
-# started by either copy is reused by the other without a restart), AuthInfo=cred_expire=10,
+#   - slurm.conf has preemption (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE) and
+#     two more partitions over the same nodes, low (preempted, GraceTime) and high; so a
+#     cluster started by the original copy is restarted by this one (its slurm.conf differs).
+# Everything else, including AuthInfo=cred_expire=10,
 # SchedulerParameters=sched_interval=2,bf_interval=1 and accounting through MariaDB +
 # slurmdbd, is unchanged. Stop the daemons with stop_local_slurm.sh next to this file.
 #
@@ -22,12 +24,19 @@
 #                              job states / failures), 0 = no accounting (faster, sacct fails)
 #   SLURM_LOCAL_WAIT=120       seconds to wait for all nodes to become idle
 #   SLURM_LOCAL_PARTITION=debug
+#   SLURM_LOCAL_PREEMPTIBLE=low   partition whose jobs are preempted (PreemptMode=REQUEUE)
+#   SLURM_LOCAL_PREEMPTING=high   partition whose jobs preempt them (PriorityTier=10)
+#   SLURM_LOCAL_GRACE_S=20        GraceTime of the preemptible partition: SIGTERM, then this
+#                                 many seconds, then SIGKILL
 set -euo pipefail
 
 NODES=${SLURM_LOCAL_NODES:-2}
 ACCT=${SLURM_LOCAL_ACCOUNTING:-1}
 WAIT=${SLURM_LOCAL_WAIT:-120}
 PART=${SLURM_LOCAL_PARTITION:-debug}
+PREEMPT_LOW=${SLURM_LOCAL_PREEMPTIBLE:-low}
+PREEMPT_HIGH=${SLURM_LOCAL_PREEMPTING:-high}
+GRACE=${SLURM_LOCAL_GRACE_S:-20}
 CLUSTER=localcluster
 CONF=/etc/slurm/slurm.conf
 DBDCONF=/etc/slurm/slurmdbd.conf
@@ -52,7 +61,7 @@ pid_ok() {
 
 all_idle() {
   local out
-  out=$(sinfo -h -N -o '%N %T' 2>/dev/null) || return 1
+  out=$(sinfo -h -N -p "$PART" -o '%N %T' 2>/dev/null) || return 1  # a node once, not once a partition
   [ "$(echo "$out" | grep -c .)" -eq "$NODES" ] || return 1
   ! echo "$out" | grep -v -E ' (idle|mixed|allocated|completing)$' | grep -q .
 }
@@ -142,7 +151,14 @@ InactiveLimit=0
 MinJobAge=300
 KillWait=5
 Waittime=0
-${NODE_LINES}PartitionName=$PART Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# Preemption as clusters configure it: a job in $PREEMPT_HIGH takes the nodes of a job in
+# $PREEMPT_LOW, which gets SIGTERM, GraceTime s to stop, then SIGKILL and a requeue. Jobs in
+# $PART are never preempted.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+${NODE_LINES}PartitionName=$PART Nodes=ALL Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF
+PartitionName=$PREEMPT_LOW Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE
+PartitionName=$PREEMPT_HIGH Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
 )
 
@@ -240,7 +256,7 @@ done
 deadline=$((SECONDS + WAIT))
 until all_idle; do
   # nodes left DOWN/DRAIN from an earlier run: resume them
-  for n in $(sinfo -h -N -o '%N %T' 2>/dev/null | awk '$2 ~ /down|drain/ {print $1}'); do
+  for n in $(sinfo -h -N -p "$PART" -o '%N %T' 2>/dev/null | awk '$2 ~ /down|drain/ {print $1}'); do
     scontrol update NodeName="$n" State=RESUME 2>/dev/null || true
   done
   [ $SECONDS -lt $deadline ] || { sinfo -N -l >&2; die "nodes not idle after ${WAIT}s (see $LOGDIR)"; }
