@@ -23,6 +23,7 @@ from cluster_pipeline.data.index_shards import index_shards
 from cluster_pipeline.data.reader import ShardError
 from cluster_pipeline.data.shards import load_source, write_shards
 from cluster_pipeline.data.sources import SourceError
+from cluster_pipeline.exits import EXIT_STOPPED
 from cluster_pipeline.features.extract import run_extract
 from cluster_pipeline.models.weights import config_for_weights
 from cluster_pipeline.run.checkpoint import CheckpointError
@@ -39,9 +40,6 @@ from cluster_pipeline.training.methods import (
 )
 
 log = logging.getLogger("cluster_pipeline")
-
-# Exit status of a run stopped by a signal after writing its checkpoint (EX_TEMPFAIL).
-EXIT_STOPPED = 75
 
 
 def cmd_make_shards(args: argparse.Namespace) -> None:

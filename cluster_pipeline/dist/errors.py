@@ -6,8 +6,9 @@ touching torch.distributed.
 
 from __future__ import annotations
 
-# Exit status of a rank that stops because another rank is lost (EX_UNAVAILABLE).
-EXIT_RANK_LOST = 69
+from cluster_pipeline.exits import EXIT_RANK_LOST
+
+__all__ = ["EXIT_RANK_LOST"]
 
 
 class RankLostError(RuntimeError):

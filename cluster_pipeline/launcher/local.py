@@ -26,8 +26,8 @@ import sys
 import time
 from types import FrameType
 
-from cluster_pipeline.dist import EXIT_RANK_LOST
-from cluster_pipeline.run.stop import EXIT_ABORTED, LAUNCHER_PID_ENV, LOCAL_SIGNALS
+from cluster_pipeline.exits import EXIT_ABORTED, EXIT_RANK_LOST
+from cluster_pipeline.run.stop import LAUNCHER_PID_ENV, LOCAL_SIGNALS
 
 
 def free_port() -> int:

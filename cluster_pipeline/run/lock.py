@@ -26,13 +26,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cluster_pipeline.exits import EXIT_BAD_INPUT
+
 LOCK_NAME = ".lock"
 
 
 class RunDirInUse(Exception):
     """Another run holds the run directory."""
 
-    exit_status = 2
+    exit_status = EXIT_BAD_INPUT
 
 
 def _start_time(pid: int) -> str | None:

@@ -22,13 +22,13 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
+from cluster_pipeline.exits import EXIT_ABORTED, EXIT_STOPPED
+
 log = logging.getLogger(__name__)
 
 LOCAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
 SLURM_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 STOP_SIGNALS = LOCAL_SIGNALS
-# Exit status of a run aborted by a second Ctrl-C (as a shell reports SIGINT).
-EXIT_ABORTED = 128 + signal.SIGINT
 # The PID of the launcher that started this rank (launch.local): the rank stops when it dies.
 LAUNCHER_PID_ENV = "CLUSTER_PIPELINE_LAUNCHER_PID"
 _PR_SET_PDEATHSIG = 1
@@ -37,7 +37,7 @@ _PR_SET_PDEATHSIG = 1
 class Stopped(Exception):
     """The run wrote a checkpoint and stopped on a signal; running it again continues it."""
 
-    exit_status = 75  # EX_TEMPFAIL, as cli.EXIT_STOPPED (dist.exit_status_of)
+    exit_status = EXIT_STOPPED  # dist.exit_status_of
 
     def __init__(self, signum: int, checkpoint: str, requeued: bool = False) -> None:
         self.signum, self.checkpoint, self.requeued = signum, checkpoint, requeued
