@@ -155,15 +155,22 @@ def node_events(names: str, since: float) -> list[str]:
     return list(dict.fromkeys(said)) if res.returncode == 0 else []
 
 
-def failed_nodes_of(job: dict[str, str], since: float) -> list[str]:
+def failed_nodes_of(job: dict[str, str], since: float, settle_s: float = 0.0) -> list[str]:
     """The nodes of this attempt (SLURM_JOB_NODELIST: a requeued job's record may have lost
-    the node that failed) that are down now or went down since `since`."""
+    the node that failed) that are down now or went down since `since`. With `settle_s`, asks
+    again for that long while none is found: a node can be back (ReturnToService) before
+    slurmdbd has the event that it went down."""
     names = os.environ.get("SLURM_JOB_NODELIST") or job.get("NodeList", "")
     if not names or names == "(null)":
         return []
-    now = failed_nodes(shown("node", names))
-    down = {x.split()[0] for x in now}
-    return now + [x for x in node_events(names, since) if x.split()[0] not in down]
+    deadline = time.monotonic() + settle_s
+    while True:
+        now = failed_nodes(shown("node", names))
+        down = {x.split()[0] for x in now}
+        found = now + [x for x in node_events(names, since) if x.split()[0] not in down]
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.5)
 
 
 def job_situation(job_id: str, attempt: int, since: float) -> str:
@@ -171,7 +178,7 @@ def job_situation(job_id: str, attempt: int, since: float) -> str:
     jobs = shown("job", job_id)
     if not jobs:
         return f"job {job_id} attempt {attempt}: scontrol cannot show it"
-    return situation(jobs[0], failed_nodes_of(jobs[0], since), attempt)
+    return situation(jobs[0], failed_nodes_of(jobs[0], since, 3.0), attempt)
 
 
 Handler = Callable[[int, object], object]
@@ -191,9 +198,10 @@ def requeue_on_stop(flag: StopFlag) -> Requeue:
         jobs = shown("job", job_id) if job_id else []
         if jobs:
             job = jobs[0]
+            if slurm_requeues(job, attempt):  # nothing to do but say why: a failed node?
+                log.warning("%s", situation(job, failed_nodes_of(job, since, 3.0), attempt))
+                return True  # the requeued job continues from the checkpoint
             log.warning("%s", situation(job, failed_nodes_of(job, since), attempt))
-            if slurm_requeues(job, attempt):
-                return True  # nothing to do: the requeued job continues from the checkpoint
             if job.get("JobState") != "RUNNING" and sacct_state(job_id) == "CANCELLED":
                 log.warning("job %s was cancelled: not requeued; make launch RESUME=<run dir> "
                             "continues it", job_id)  # fmt: skip
