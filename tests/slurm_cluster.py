@@ -363,23 +363,13 @@ def _start(workdir: Path) -> SlurmCluster:
 
 def stale_config() -> str:
     """What the running slurmctld lacks of the slurm.conf that the tests need, or ""."""
+
+    def scontrol(*args: str) -> str:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30,
+                              env=slurm_env(), check=False).stdout  # fmt: skip
+
     try:
-        config = subprocess.run(
-            ["scontrol", "show", "config"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=slurm_env(),
-            check=False,
-        ).stdout
-        parts = subprocess.run(
-            ["scontrol", "show", "partition", "-o"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=slurm_env(),
-            check=False,
-        ).stdout
+        config, parts = scontrol("show", "config"), scontrol("show", "partition", "-o")
     except (OSError, subprocess.SubprocessError) as e:
         return f"scontrol does not answer ({e})"
     missing = []
