@@ -24,7 +24,7 @@ data/mnist5k/index.json: $(STAMP)
 
 demo-shards: data/mnist5k/index.json
 
-# DeepCluster on MNIST-5k, 2 local ranks (launch.local, gloo): 145 s from a fresh clone on 2 AMD EPYC cores, 75 s of it the install.
+# DeepCluster on MNIST-5k, 2 local ranks (launch.local, gloo): 145 s from a fresh clone on 2 AMD EPYC cores, about 70 s of it the install and 65 s the training.
 demo: data/mnist5k/index.json
 	$(PY) -m launch.local --nproc $(NPROC) train --config configs/demo_mnist.yaml
 
