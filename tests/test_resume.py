@@ -172,10 +172,18 @@ def processes_of(token: str) -> list[str]:
 
 
 def rank_pids(launcher: subprocess.Popen) -> list[int]:
-    """The rank processes (the launcher's children), once both are up."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher.pid)],
-                         capture_output=True, text=True).stdout  # fmt: skip
-    return [int(line.split()[0]) for line in out.splitlines() if "cluster_pipeline" in line]
+    """The rank processes: the launcher's descendants that run cluster_pipeline."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
+                         text=True).stdout  # fmt: skip
+    procs = [line.split(None, 2) for line in out.splitlines()]
+    family, ranks = {launcher.pid}, []
+    for _ in range(3):  # children, grandchildren (under an agent such as torchrun)
+        for pid, ppid, args in procs:
+            if int(ppid) in family and int(pid) not in family:
+                family.add(int(pid))
+                if "-m cluster_pipeline" in args and "torch.distributed.run" not in args:
+                    ranks.append(int(pid))
+    return ranks
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
@@ -200,8 +208,7 @@ STRIKES = {
 
 
 def strike(how: str, launcher: subprocess.Popen) -> None:
-    pids = rank_pids(launcher)
-    assert len(pids) == 2, pids
+    pids = rank_pids(launcher) if how in ("sigterm-to-every-rank", "sigkill-of-one-rank") else []
     if how == "ctrl-c-to-the-process-group":
         os.killpg(launcher.pid, signal.SIGINT)
     elif how == "sigterm-to-the-process-group":
@@ -209,11 +216,13 @@ def strike(how: str, launcher: subprocess.Popen) -> None:
     elif how == "sigterm-to-the-launcher-only":
         os.kill(launcher.pid, signal.SIGTERM)
     elif how == "sigterm-to-every-rank":
+        assert len(pids) == 2, pids
         for pid in pids:
             os.kill(pid, signal.SIGTERM)
     elif how == "sigkill-of-the-launcher":
         os.kill(launcher.pid, signal.SIGKILL)
     else:
+        assert len(pids) == 2, pids
         os.kill(pids[1], signal.SIGKILL)
 
 
