@@ -118,6 +118,11 @@ class BatchLoader:
             self.held.clear()
 
 
+# Imported by the forkserver only, never here: it makes the process that imports it ignore
+# the stop signals and die with its parent.
+FORKSERVER_GUARD = "cluster_pipeline.data.forkserver_guard"
+
+
 def batch_loader(
     reader: SampleReader,
     indices: np.ndarray,
@@ -156,11 +161,6 @@ def batch_loader(
         **workers,
     )
     return BatchLoader(loader, num_workers)
-
-
-# Imported by the forkserver only, never here: it makes the process that imports it ignore
-# the stop signals and die with its parent.
-FORKSERVER_GUARD = "cluster_pipeline.data.forkserver_guard"
 
 
 def start_worker_server() -> None:

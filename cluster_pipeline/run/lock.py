@@ -6,7 +6,7 @@ refuses at once with one line naming the holder. The lock is taken over only whe
 is provably gone:
 - on this host, when no process has its PID and start time;
 - under SLURM, when it is this very job (a requeued attempt: SLURM runs one attempt at a time),
-  or when `squeue` no longer lists its job.
+  or when SLURM (squeue, else sacct) no longer has its job queued or running.
 A holder on another host without a SLURM job cannot be proven gone: the error says how to
 remove the lock by hand. Taking and taking over happen under an flock on `.lock.guard`, so two
 runs starting at once cannot both win.
@@ -18,15 +18,14 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cluster_pipeline.exits import EXIT_BAD_INPUT
+from cluster_pipeline.launcher.cluster import ClusterError, queued_states
 
 LOCK_NAME = ".lock"
 
@@ -75,18 +74,11 @@ def describe(holder: dict[str, Any]) -> str:
 
 
 def _slurm_job_listed(job_id: str) -> bool | None:
-    """Whether squeue still lists the job (pending, running, requeued...); None: no squeue."""
-    if shutil.which("squeue") is None:
-        return None
+    """Whether SLURM still has the job queued or running; None when SLURM does not answer."""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                             text=True, timeout=30)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
+        return job_id in queued_states([job_id])
+    except ClusterError:
         return None
-    if out.returncode != 0:
-        # "Invalid job id specified": SLURM has forgotten the job, so it ended long ago.
-        return False if "Invalid job id" in out.stderr else None
-    return bool(out.stdout.strip())
 
 
 def gone(holder: dict[str, Any]) -> bool:
