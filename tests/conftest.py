@@ -7,6 +7,7 @@ exactly one of `integration` (slow or slurm) and `unit` (the rest).
 
 from __future__ import annotations
 
+import faulthandler
 import os
 from pathlib import Path
 
@@ -29,6 +30,16 @@ SLOW_FIXTURES = frozenset({
 
 # Markers that make a test an integration test: it starts rank processes, whole runs or SLURM.
 INTEGRATION_MARKERS = ("slow", "slurm", "integration")
+
+
+# Seconds the test process may take to exit once the session is over. A hang at exit (a
+# child that never joins) then prints every thread's stack and fails the run at once, instead
+# of passing every test and waiting out CI's time limit.
+EXIT_GRACE_S = 120
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -454,6 +456,35 @@ def test_batch_loader_workers_come_from_a_forkserver_with_a_timeout(digits_shard
     assert loader.loader.timeout == 30
     seen = np.concatenate([batch.indices.numpy() for batch in loader])
     np.testing.assert_array_equal(seen, np.arange(300))
+
+
+EXIT_WITH_A_LIVE_LOADER = """
+import sys
+import numpy as np
+from cluster_pipeline.data.loader import batch_loader
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+
+if __name__ == "__main__":
+    reader = SampleReader(ShardIndex.load(sys.argv[1]), load_size=8, channels=1)
+    batches = iter(batch_loader(reader, np.arange(1797), batch_size=64, num_workers=2))
+    print(next(batches).images.shape, flush=True)
+    KEEP = batches  # alive at exit, as in a rank that raises out of its epoch
+"""
+
+
+def test_a_process_exits_while_its_loader_workers_are_alive(digits_shards: Path, tmp_path: Path):
+    """Workers ignore SIGTERM, which multiprocessing's exit hook sends them before joining them:
+    without the loader's own exit hook, which kills them, the process never exits."""
+    script = tmp_path / "exit_with_live_loader.py"
+    script.write_text(EXIT_WITH_A_LIVE_LOADER)
+    run = subprocess.run(
+        [sys.executable, str(script), str(digits_shards)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "torch.Size([64, 8, 8, 1])" in run.stdout
 
 
 def test_feature_sink_writes_buffered_batches_in_place() -> None:

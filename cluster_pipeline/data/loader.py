@@ -7,8 +7,10 @@ exactly once whatever the number of workers; `rank_partition` tiles 0..N-1 over 
 
 from __future__ import annotations
 
+import atexit
 import collections
 import math
+import multiprocessing
 import multiprocessing.forkserver
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -169,6 +171,23 @@ def start_worker_server() -> None:
     the first batch; the first loader then finds it running."""
     torch.multiprocessing.set_forkserver_preload(["torch", __name__, FORKSERVER_GUARD])
     multiprocessing.forkserver.ensure_running()
+
+
+def _kill_workers_at_exit() -> None:
+    """Kill the daemonic children (DataLoader workers) still alive when the interpreter exits.
+
+    At exit torch's loader skips its own worker shutdown, and multiprocessing then SIGTERMs its
+    daemonic children and joins them. Our workers ignore SIGTERM (`shield_child`: a stop of
+    the rank's process group must not kill them mid-batch), so that join would wait forever and
+    a rank holding a live loader iterator, or a test process, would never exit. Registered
+    after multiprocessing's exit hook, so it runs first (atexit is last in, first out)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def _worker_init(worker_id: int) -> None:
