@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-startup bench-datapath bench-verify bench-gather \
+.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-startup bench-datapath bench-verify bench-gather bench-labels \
 	bench-epoch bench-quality bench-specialists bench-activations launch clean
 
 venv: $(STAMP)
@@ -78,7 +78,7 @@ format: $(STAMP)
 
 # Benchmarks are not tests: each prints ratios measured side by side in one run and replaces its
 # own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
-bench: bench-clustering bench-startup bench-datapath bench-verify bench-gather bench-epoch bench-quality bench-specialists \
+bench: bench-clustering bench-startup bench-datapath bench-verify bench-gather bench-labels bench-epoch bench-quality bench-specialists \
 	bench-activations
 
 # kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min), and
@@ -110,6 +110,11 @@ bench-verify: $(STAMP)
 # gather_features on 2 gloo ranks: rank 0's peak memory and time per GB (under a minute).
 bench-gather: $(STAMP)
 	$(PY) -m bench.gather
+
+# The label path (broadcast, NMI, sampler, checkpoint) at N = 100M on 2 ranks: time and memory
+# per rank (about 1.5 min, 2 GB per rank).
+bench-labels: $(STAMP)
+	$(PY) -m bench.labels
 
 # The demo's epoch: extraction I/O + gather + clustering + broadcast vs model compute (about 2 min).
 bench-epoch: data/mnist5k/index.json

@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-shards", help="write webdataset tar shards and their index")
-    p.add_argument("--source", required=True, help="mnist5k, digits or imagefolder:PATH")
+    p.add_argument(
+        "--source", required=True, help="mnist5k, digits, imagefolder:PATH or synthetic:N[:SIZE]"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--workers", type=int, default=1,

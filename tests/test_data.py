@@ -18,7 +18,11 @@ from cluster_pipeline.config import ARCHS, ModelConfig
 from cluster_pipeline.data.augment import random_resized_crop
 from cluster_pipeline.data.loader import batch_loader
 from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
-from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
+from cluster_pipeline.data.sampler import (
+    rank_slice,
+    uniform_cluster_sampler,
+    uniform_cluster_sampler_v1,
+)
 from cluster_pipeline.data.shards import INDEX_FILE, SAMPLES_FILE, iter_webdataset, write_shards
 from cluster_pipeline.data.sources import Source
 from cluster_pipeline.models.nets import build_model, reset_head
@@ -323,6 +327,91 @@ def test_uniform_sampler_ignores_empty_cluster_ids():
     np.testing.assert_array_equal(counts, [100, 0, 0, 100, 0, 0, 0, 100])
 
 
+def test_uniform_sampler_holds_one_int32_vector_and_its_ranks_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 1B samples every N-length temporary is 4 GB per rank: the sampler holds one int32
+    vector (members by cluster) and the rank's draws, the rest chunk-sized. Version 1, kept
+    for old runs, needed 16 times 4N."""
+    import tracemalloc
+
+    from cluster_pipeline.clustering import labels as label_vectors
+    from cluster_pipeline.data import sampler
+
+    monkeypatch.setattr(sampler, "CHUNK", 1 << 14)
+    monkeypatch.setattr(label_vectors, "CHUNK", 1 << 14)
+    n = 2_000_000
+    labels = np.random.default_rng(0).integers(-1, 1000, n).astype(np.int32)
+    peaks = {}
+    cases = {
+        "v1": lambda: uniform_cluster_sampler_v1(labels, n, 0),
+        "v2": lambda: uniform_cluster_sampler(labels, n, 0),
+        "v2 rank 1 of 4": lambda: uniform_cluster_sampler(labels, n, 0, 1, 4),
+    }
+    for name, draw in cases.items():
+        tracemalloc.start()
+        draws = draw()
+        peaks[name] = tracemalloc.get_traced_memory()[1] / (4 * n)
+        tracemalloc.stop()
+        assert (labels[draws] >= 0).all()
+    assert draws.dtype == np.int32 and len(draws) == n // 4
+    assert peaks["v2"] <= 2.25, peaks  # members + all the draws, and about 2 MB of chunks
+    assert peaks["v2 rank 1 of 4"] <= 1.5, peaks  # members + a quarter of the draws
+    assert peaks["v1"] > 8, peaks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_draws_its_positions_of_the_one_sequence(world: int) -> None:
+    """A rank computes only its own positions (rank, rank + world, ...) of the sequence that
+    world=1 draws, so the ranks together draw exactly it, and `rank_draws` cuts every rank to
+    the same number of steps."""
+    from cluster_pipeline.data.sampler import rank_draws
+
+    labels = unbalanced_labels()
+    whole = uniform_cluster_sampler(labels, 1003, seed=4)
+    for rank in range(world):
+        mine = uniform_cluster_sampler(labels, 1003, 4, rank, world)
+        np.testing.assert_array_equal(mine, whole[rank::world])
+        cut = rank_draws(2, labels, 1003, 4, rank, world, batch_size=16)
+        assert len(cut) == 1003 // (world * 16) * 16
+        np.testing.assert_array_equal(cut, mine[: len(cut)])
+        old = rank_draws(1, labels, 1003, 4, rank, world, batch_size=16)
+        v1 = uniform_cluster_sampler_v1(labels, 1003, 4)
+        np.testing.assert_array_equal(old, rank_slice(v1, rank, world, 16))
+
+
+def test_draws_are_in_a_random_order() -> None:
+    """Neither the clusters nor the members come in runs: consecutive draws are of the same
+    cluster about 1 / k of the time, and of increasing sample index about half the time."""
+    labels = np.random.default_rng(2).integers(0, 20, 20_000)
+    draws = uniform_cluster_sampler(labels, 20_000, seed=0)
+    same = np.mean(labels[draws[1:]] == labels[draws[:-1]])
+    assert abs(same - 1 / 20) < 0.01, same
+    assert abs(np.mean(np.diff(draws) > 0) - 0.5) < 0.02
+
+
+# uniform_cluster_sampler(unbalanced_labels(), 1000, seed=5)[:8] as drawn by the code up to
+# commit 0eba730, when it was the only sampler.
+PINNED_V1 = [778, 756, 669, 400, 60, 227, 110, 563]
+
+
+def test_a_run_keeps_the_sampler_it_started_with() -> None:
+    """New runs draw with version 2; a checkpoint written before versions were recorded (every
+    one of those drew with version 1) continues with version 1, so its resume stays exact."""
+    from cluster_pipeline.training.position import Position
+
+    assert Position().state_dict()["sampler"] == 2
+    assert Position(sampler=1).next_epoch().sampler == 1
+    old = Position(epoch=3).state_dict()
+    del old["sampler"]
+    assert Position.from_state_dict(old).sampler == 1
+    labels = unbalanced_labels()
+    v1 = uniform_cluster_sampler_v1(labels, 1000, seed=5)
+    assert not np.array_equal(v1, uniform_cluster_sampler(labels, 1000, seed=5))
+    # Version 1's draws, pinned: its code must not change, or old runs resume elsewhere.
+    assert v1[:8].tolist() == PINNED_V1
+
+
 @pytest.mark.parametrize(("world", "batch_size"), [(1, 16), (2, 16), (3, 7), (4, 32)])
 def test_rank_slice_equal_steps_on_every_rank(world: int, batch_size: int):
     draws = uniform_cluster_sampler(unbalanced_labels(), 1003, seed=0)
@@ -548,3 +637,24 @@ def test_batch_loader_reuses_a_ring_of_shared_buffers_without_mixing_batches(
     direct = SampleReader(ShardIndex.load(digits_shards), load_size=8, channels=1)
     for idx, images in got[::7]:
         np.testing.assert_array_equal(images, direct.read_batch(idx))
+
+
+def test_synthetic_source_writes_the_same_shards_from_any_writer(tmp_path: Path) -> None:
+    """make-shards --source synthetic:N[:SIZE]: JPEGs made per sample index, so one writer or
+    two processes (each sent a slice) write the same bytes; classes interleaved by index."""
+    from cluster_pipeline.data.shards import load_source
+    from cluster_pipeline.data.sources import synthetic_classes
+
+    write_shards(load_source("synthetic:300:16"), tmp_path / "a", samples_per_shard=100)
+    write_shards(load_source("synthetic:300:16"), tmp_path / "b", 100, workers=2)
+    index, other = ShardIndex.load(tmp_path / "a"), ShardIndex.load(tmp_path / "b")
+    # The same JPEGs (tar headers carry the time): sizes and decoded pixels.
+    np.testing.assert_array_equal(index.samples[:, 2], other.samples[:, 2])
+    images = SampleReader(index, 16, 3).read_batch(np.arange(300))
+    np.testing.assert_array_equal(images, SampleReader(other, 16, 3).read_batch(np.arange(300)))
+    assert index.labels is not None and len(index.classes) == 1000
+    np.testing.assert_array_equal(index.labels, synthetic_classes(np.arange(300), 1000))
+    assert images.shape == (300, 16, 16, 3)
+    assert len({im.tobytes() for im in images}) == 300  # every sample its own image
+    with pytest.raises(ValueError, match="synthetic:N or synthetic:N:SIZE"):
+        load_source("synthetic:many")

@@ -58,6 +58,7 @@ def _gather_worker(rank: int, world: int) -> dict:
     perm, feats, labels = _gather_data()
     # 16 rows of 5 float32 per message: rank 1's 300 rows travel in 19 chunks, the last partial.
     gather.GATHER_CHUNK_BYTES = 16 * 4 * GATHER_D
+    gather.LABEL_CHUNK = 64  # the 307 labels are broadcast in 5 chunks, the last partial
     recvs = []
     real_recv = dist.recv
 
@@ -132,7 +133,7 @@ def test_broadcast_labels_gives_every_rank_rank0_labels(
     _, _, labels = _gather_data()
     for result in gather_results:
         got = result[case]["labels"]
-        assert got.dtype == np.int64
+        assert got.dtype == np.int32
         np.testing.assert_array_equal(got, labels)
 
 

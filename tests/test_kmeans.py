@@ -304,7 +304,7 @@ def test_cluster_features_duplicates_with_k_close_to_n(pca_dim: int):
     k = 38
     res = cluster_features(feats, section(k, pca_dim=pca_dim, niter=5), seed=0)
     assert res.labels.shape == (40,)
-    assert res.labels.dtype == np.int64
+    assert res.labels.dtype == np.int32
     assert np.bincount(res.labels, minlength=k).min() >= 1
     assert res.labels.max() < k
     # At most 5 clusters can be non-empty after assignment, so at least 33 were split.
@@ -420,17 +420,27 @@ def test_assign_equals_brute_force_argmin(monkeypatch: pytest.MonkeyPatch, block
     centroids = rng.normal(size=(17, 8)).astype(np.float32)
     labels = assign(x, centroids)
     d2 = brute_force_sq_dist(x, centroids)
-    assert labels.dtype == np.int64 and labels.shape == (1003,)
+    assert labels.dtype == np.int32 and labels.shape == (1003,)
     np.testing.assert_array_equal(labels, d2.argmin(axis=1))
     sq = squared_distances(x, centroids, labels)
     np.testing.assert_allclose(sq, d2.min(axis=1), rtol=1e-12)
 
 
-def test_nmi_and_ari_are_scikit_learns() -> None:
+@pytest.mark.parametrize(("chunk", "cells"), [(1 << 20, 1 << 23), (7, 1 << 23), (7, 50)])
+def test_nmi_and_ari_are_scikit_learns(
+    chunk: int, cells: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """metrics.nmi/ari compute scikit-learn's definitions without importing it (start-up), to
     the bit (runs resumed across this change keep their metrics): random labelings of many
-    sizes, partly agreeing, and the degenerate cases."""
+    sizes, partly agreeing, and the degenerate cases; in one chunk, in chunks of 7 samples
+    (the bounded-memory passes of large N), and with tables counted in blocks of 50 cells
+    (k x k' beyond metrics.CELLS), where NMI adds the blocks' sums and may differ in the
+    last bits."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    monkeypatch.setattr(metrics, "CHUNK", chunk)
+    monkeypatch.setattr(metrics, "CELLS", cells)
+    exact = cells > 1 << 20
 
     rng = np.random.default_rng(0)
     cases = [([0, 0], [1, 1]), ([0, 1], [0, 0]), ([0, 1], [1, 0]), ([3], [5]),
@@ -440,9 +450,12 @@ def test_nmi_and_ari_are_scikit_learns() -> None:
         a = rng.integers(0, ka, n)
         b = np.where(rng.random(n) < rng.random(), a, rng.integers(0, kb, n))
         cases.append((a * 1000 + 5, b))  # labels need not be 0..k-1
+    cases.append((rng.integers(0, 3, 50) * 10**12, rng.integers(0, 4, 50)))  # nor small
+    assert cells > 1 << 20 or any(len(set(a)) * len(set(b)) > cells for a, b in cases)
     for a, b in cases:
         a, b = np.asarray(a), np.asarray(b)
-        assert metrics.nmi(a, b) == normalized_mutual_info_score(a, b)
+        expected = normalized_mutual_info_score(a, b)
+        assert metrics.nmi(a, b) == (expected if exact else pytest.approx(expected, rel=1e-12))
         assert metrics.ari(a, b) == adjusted_rand_score(a, b)
     skipped = np.array([0, 1, -1, 1])  # -1: a sample skipped as unreadable is left out
     assert metrics.nmi(skipped, np.array([0, 1, 0, 1])) == 1.0

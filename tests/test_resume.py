@@ -297,11 +297,13 @@ def test_a_second_ctrl_c_aborts_at_once(digits_shards: Path, tmp_path: Path) -> 
 SCHEMA1_RUN = REPO / "tests" / "data" / "schema1-mid-epoch"  # see its README.md
 
 
-def test_a_schema1_checkpoint_resumes_bit_identical(
-    reference: Path, digits_shards: Path, tmp_path: Path
-) -> None:
+def test_a_schema1_checkpoint_resumes_bit_identical(digits_shards: Path, tmp_path: Path) -> None:
     """A run stopped mid-epoch by the code before checkpoints had named parts (schema 1, a flat
-    dict) continues with today's code to the uninterrupted run's weights and metrics."""
+    dict) continues with today's code, and with the sampler it started with (version 1, kept
+    for such runs), to the weights and metrics of an uninterrupted run with that sampler."""
+    reference = tmp_path / "reference"
+    sampler_v1 = overrides(digits_shards, reference, "train.sampler=1")
+    assert run_ranks(2, train_rank, sampler_v1, 0) == ["done"] * 2
     run_dir = tmp_path / "run"
     shutil.copytree(SCHEMA1_RUN, run_dir)
     (old,) = checkpoint.list_checkpoints(run_dir)

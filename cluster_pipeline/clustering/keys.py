@@ -31,6 +31,33 @@ def sample_keys(index: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:
 
 # Salts of the different choices made from one seed.
 SALT_INIT, SALT_PCA, SALT_TRAIN, SALT_COIN, SALT_SPLIT = 1, 2, 3, 4, 5
+SALT_MEMBERS, SALT_DRAWS = 6, 7
+
+FEISTEL_ROUNDS = 4  # Luby-Rackoff: four rounds of a pseudo-random function give a strong PRP
+
+
+def permuted(i: np.ndarray, n: int, seed: int, salt: int) -> np.ndarray:
+    """pi(i) (int64) for a pseudo-random permutation pi of 0..n-1 keyed by (seed, salt).
+
+    A balanced Feistel network on the smallest even number of bits that covers n, its round
+    function splitmix64 keyed per round, walked again from any value >= n until it lands
+    below n (a permutation of the larger domain restricted this way is one of 0..n-1; at most
+    4n / n walks are expected). Any part of 0..n-1 maps on its own, in any order: nothing
+    N-sized is held, and every rank computes the same pi for its own positions.
+    """
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask, shift = _U64((1 << half) - 1), _U64(half)
+    round_keys = sample_keys(np.arange(FEISTEL_ROUNDS), seed, salt)
+    out = np.asarray(i).astype(_U64)
+    todo = np.arange(len(out))
+    while len(todo):
+        x = out[todo]
+        left, right = x >> shift, x & mask
+        for key in round_keys:
+            left, right = right, left ^ (_splitmix64(right ^ key) & mask)
+        out[todo] = (left << shift) | right
+        todo = todo[out[todo] >= _U64(n)]
+    return out.astype(np.int64)
 
 
 def initial_indices(index: np.ndarray, k: int, seed: int) -> np.ndarray:

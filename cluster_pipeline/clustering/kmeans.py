@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Clustering:
-    labels: np.ndarray  # (n,) int64 of the rows clustered, every cluster non-empty when N >= k
+    labels: np.ndarray  # (n,) int32 of the rows clustered, every cluster non-empty when N >= k
     centroids: np.ndarray  # (k, d) in the PCA-whitened space
     loss: float  # mean squared distance of the points to their centroid
     n_empty_before_split: int

@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 
 from cluster_pipeline.clustering.exact import FixedColumns, block_rows, exact_bits, exact_matmul
+from cluster_pipeline.clustering.labels import LABEL_DTYPE
 
 # Rows per search on GPU: large blocks keep the device busy between host copies.
 GPU_SEARCH_ROWS = 262_144
@@ -39,7 +40,7 @@ class GpuSearch:
     def nearest(self, x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         index = self.index(centroids.shape[1])
         index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-        labels = np.empty(len(x), dtype=np.int64)
+        labels = np.empty(len(x), dtype=LABEL_DTYPE)
         for s in range(0, len(x), GPU_SEARCH_ROWS):
             _, ii = index.search(np.ascontiguousarray(x[s : s + GPU_SEARCH_ROWS]), 1)
             labels[s : s + len(ii)] = ii[:, 0]
@@ -52,7 +53,7 @@ def assign(
     gpu: GpuSearch | None = None,
     x_norm: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Index (int64) of every point's nearest centroid in L2, ties to the lowest index.
+    """Index (int32) of every point's nearest centroid in L2, ties to the lowest index.
 
     On CPU the labels are exactly those of `exact_nearest` for every row, whatever faiss's
     kernels or thread count: faiss's float32 search gives each point its two nearest
@@ -66,7 +67,7 @@ def assign(
     if gpu is not None:
         return gpu.nearest(x, centroids)
     k, d = centroids.shape
-    labels = np.zeros(len(x), dtype=np.int64)
+    labels = np.zeros(len(x), dtype=LABEL_DTYPE)
     if k == 1 or not len(x):
         return labels
     index = faiss.IndexFlatL2(d)
@@ -125,7 +126,7 @@ def exact_nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     deterministic function of (x, c), so the first minimum is the same on any machine."""
     c_sq = np.square(centroids, dtype=np.float64).sum(axis=1)
     cols = FixedColumns.of(centroids.T)
-    labels = np.empty(len(x), dtype=np.int64)
+    labels = np.empty(len(x), dtype=LABEL_DTYPE)
     step = block_rows(len(centroids))
     for s in range(0, len(x), step):
         scores = exact_matmul(x[s : s + step], cols)

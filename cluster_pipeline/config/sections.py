@@ -183,6 +183,10 @@ class TrainConfig:
     stop_check_every: int = 5
     # Save the assignments of every epoch in the run directory.
     save_assignments: bool = True
+    # The uniform sampler's version for a new run (a resumed run keeps the one it started
+    # with): 2, int32 and at most two N-length temporaries; 1, the sampler before 2026-12
+    # (int64, six N-length temporaries), only to reproduce a run made with it.
+    sampler: int = 2
 
     def validate(self) -> None:
         checks = [
@@ -197,6 +201,7 @@ class TrainConfig:
             (self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (self.stop_check_every >= 1, "train.stop_check_every must be >= 1"),
+            (self.sampler in (1, 2), f"train.sampler={self.sampler} must be 1 or 2 (2: today's)"),
         ]
         raise_first_failed(checks)
 

@@ -32,7 +32,13 @@ from cluster_pipeline.data.imagefolder import (
     not_written_lines,
     tree_summary,
 )
-from cluster_pipeline.data.sources import FileBytes, Source, digits_source, mnist5k_source
+from cluster_pipeline.data.sources import (
+    FileBytes,
+    Source,
+    digits_source,
+    mnist5k_source,
+    synthetic_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,14 @@ def load_source(spec: str, verify: bool = True, workers: int = 1) -> Source:
         return digits_source()
     if spec.startswith("imagefolder:"):
         return imagefolder_source(spec.split(":", 1)[1], verify, workers)
-    raise ValueError(f"--source {spec!r}: use mnist5k, digits or imagefolder:PATH")
+    if spec.startswith("synthetic:"):
+        parts = spec.split(":")[1:]
+        if not 1 <= len(parts) <= 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--source {spec!r}: use synthetic:N or synthetic:N:SIZE")
+        return synthetic_source(*(int(p) for p in parts))
+    raise ValueError(
+        f"--source {spec!r}: use mnist5k, digits, imagefolder:PATH or synthetic:N[:SIZE]"
+    )
 
 
 def shard_fingerprint(path: str | Path, nbytes: int | None = None) -> dict[str, str]:

@@ -7,6 +7,7 @@ and every path under the tree with what became of it (`TreeEntry`).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import io
@@ -17,6 +18,8 @@ from typing import NamedTuple, overload
 
 import numpy as np
 from PIL import Image
+
+from cluster_pipeline.clustering.keys import sample_keys
 
 
 class SourceError(ValueError):
@@ -64,6 +67,90 @@ class FileBytes(Sequence[bytes]):
         if isinstance(i, slice):
             return [p.read_bytes() for p in self.paths[i]]
         return self.paths[i].read_bytes()
+
+
+class SyntheticImages(Sequence[bytes]):
+    """Small JPEGs made when a shard writer asks for them, a pure function of the sample index:
+    sample i is its class's pattern (a 3 x 3 grid of colours, scaled up) plus noise of its own.
+    ImageNet's count of samples at bench scale without a download or 1.28M files on disk;
+    a slice is another such sequence, so a writer process is sent two integers, not images."""
+
+    def __init__(self, n: int, size: int, classes: int, start: int = 0) -> None:
+        self.n, self.size, self.classes, self.start = n, size, classes, start
+        self._patterns: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> SyntheticImages: ...
+    def __getitem__(self, i: int | slice) -> bytes | SyntheticImages:
+        if isinstance(i, slice):
+            a, b, step = i.indices(self.n)
+            assert step == 1, "a synthetic source is sliced in contiguous parts"
+            return SyntheticImages(max(0, b - a), self.size, self.classes, self.start + a)
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return _jpeg(self.pixels(self.start + i % self.n))
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Sample `index`: its class's pattern plus a noise tile of the pool, rolled so that no
+        two samples of a class look alike."""
+        c = int(self._classes()[index - self.start])
+        pattern = self._patterns.get(c)
+        if pattern is None:
+            grid = (sample_keys(np.arange(27), c, SALT_SYNTHETIC) % 192).astype(np.uint8)
+            scale = -(-self.size // 3)
+            pattern = np.repeat(np.repeat(grid.reshape(3, 3, 3), scale, 0), scale, 1)
+            pattern = self._patterns[c] = pattern[: self.size, : self.size]
+        pool = _noise_pool(self.size)
+        tile = np.roll(pool[index % len(pool)], index // len(pool))
+        return pattern + tile.reshape(pattern.shape)
+
+    def _classes(self) -> np.ndarray:
+        if not hasattr(self, "_class_of"):
+            self._class_of = synthetic_classes(np.arange(self.start, self.start + self.n),
+                                               self.classes)  # fmt: skip
+        return self._class_of
+
+
+@functools.cache
+def _noise_pool(size: int) -> np.ndarray:
+    """4096 tiles of noise in 0..63 for synthetic images of size x size x 3, the same in
+    every process."""
+    cells = size * size * 3
+    keys = sample_keys(np.arange(4096 * (cells // 8 + 1)), 0, SALT_SYNTHETIC + 1)
+    return (keys.view(np.uint8)[: 4096 * cells] & 63).reshape(4096, cells)
+
+
+SALT_SYNTHETIC = 101
+
+
+def synthetic_classes(index: np.ndarray, classes: int) -> np.ndarray:
+    """The class of each synthetic sample: a hash of its index, so classes are interleaved."""
+    return (sample_keys(index, 0, SALT_SYNTHETIC) % np.uint64(classes)).astype(np.int64)
+
+
+def synthetic_source(count: int, size: int = 24, classes: int = 1000) -> Source:
+    """`count` synthetic JPEGs of size x size pixels in `classes` classes (`SyntheticImages`)."""
+    if count < 1 or size < 3 or classes < 1:
+        raise SourceError(f"synthetic:{count}:{size}: needs at least 1 sample of 3 x 3 pixels")
+    labels = np.concatenate([synthetic_classes(np.arange(s, min(s + (1 << 20), count)), classes)
+                             for s in range(0, count, 1 << 20)])  # fmt: skip
+    return Source(
+        images=SyntheticImages(count, size, classes),
+        ext=["jpg"] * count,
+        labels=labels,
+        classes=[str(c) for c in range(classes)],
+    )
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 def _png(pixels: np.ndarray) -> bytes:

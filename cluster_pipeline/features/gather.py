@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster_pipeline import dist
+from cluster_pipeline.clustering.labels import LABEL_DTYPE, as_labels
 
 log = logging.getLogger(__name__)
 
 # Rows per message in `gather_features`: bounds the extra memory on rank 0 to one chunk.
 GATHER_CHUNK_BYTES = 64 << 20
-# Entries of the N-vector of labels per all-reduce in `all_gather_labels` (64 MiB of int64).
-LABEL_CHUNK = 8 << 20
+# Entries of the N-vector of labels per message in `broadcast_labels` and `all_gather_labels`
+# (4 MiB of int32, 8 MiB of int64 sums): small, as what the allocator keeps of it stays resident.
+LABEL_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -230,14 +232,20 @@ def _coverage_error(seen: np.ndarray, skip_seen: np.ndarray | None) -> RuntimeEr
 def broadcast_labels(
     ctx: dist.DistContext, labels: np.ndarray | None, num_samples: int
 ) -> np.ndarray:
-    """Rank 0's per-sample labels (int64, indexed by sample) on every rank; the others pass None.
+    """Rank 0's per-sample labels (int32, indexed by sample) on every rank; the others pass None.
 
+    In chunks of LABEL_CHUNK entries, so no rank holds a second N-length copy in transit.
     Collective: call on every rank.
     """
     if not ctx.distributed:
         assert labels is not None
-        return labels
-    return dist.broadcast(ctx, labels, (num_samples,), np.int64)
+        return as_labels(labels)
+    out = as_labels(labels) if labels is not None else np.empty(num_samples, LABEL_DTYPE)
+    for s in range(0, num_samples, LABEL_CHUNK):
+        n = min(LABEL_CHUNK, num_samples - s)
+        part = out[s : s + n] if ctx.is_main else None
+        out[s : s + n] = dist.broadcast(ctx, part, (n,), LABEL_DTYPE)
+    return out
 
 
 def all_gather_labels(
@@ -247,7 +255,7 @@ def all_gather_labels(
     skipped: np.ndarray,
     num_samples: int,
 ) -> np.ndarray:
-    """Every rank's per-row labels spread into one int64 N-vector by sample index, on every
+    """Every rank's per-row labels spread into one int32 N-vector by sample index, on every
     rank; the `skipped` samples get -1.
 
     Each rank adds 2**32 + label + 1 at its samples and 2**32 at its skipped ones to a zero
@@ -257,26 +265,29 @@ def all_gather_labels(
     every rank.
     """
     index = np.asarray(index, dtype=np.int64)
-    skipped = np.asarray(skipped, dtype=np.int64)
-    mine = np.concatenate([index, skipped])
-    outside = bool(len(mine)) and (mine.min() < 0 or mine.max() >= num_samples)
+    skipped = np.sort(np.asarray(skipped, dtype=np.int64))
+    outside = any(len(v) and (v.min() < 0 or v.max() >= num_samples) for v in (index, skipped))
     if dist.all_reduce(ctx, np.array([int(outside)], np.int64), "max")[0]:
         raise RuntimeError(
             f"sample indices outside 0..{num_samples - 1} were extracted"
             + (f" by rank {ctx.rank}" if outside else " by another rank; see its log")
         )
-    values = np.concatenate([labels.astype(np.int64) + 1, np.zeros(len(skipped), np.int64)])
-    order = np.argsort(mine, kind="stable")
-    mine, values = mine[order], values[order]
-    out = np.empty(num_samples, dtype=np.int64)
+    # A rank's rows come in sample order (its rank_partition, read in order): then no sort,
+    # and nothing N / world-sized beyond the caller's arrays is made.
+    if len(index) > 1 and not np.all(index[1:] >= index[:-1]):
+        order = np.argsort(index, kind="stable")
+        index, labels = index[order], labels[order]
+    out = np.empty(num_samples, dtype=LABEL_DTYPE)
     missing = duplicated = 0
     first_bad: list[int] = []
     for s in range(0, num_samples, LABEL_CHUNK):
         n = min(LABEL_CHUNK, num_samples - s)
-        lo, hi = np.searchsorted(mine, [s, s + n])
-        pos = mine[lo:hi] - s
-        chunk = np.bincount(pos, minlength=n).astype(np.int64) << 32
-        chunk[pos] += values[lo:hi]
+        lo, hi = np.searchsorted(index, [s, s + n])
+        pos = index[lo:hi] - s
+        slo, shi = np.searchsorted(skipped, [s, s + n])
+        counts = np.bincount(pos, minlength=n) + np.bincount(skipped[slo:shi] - s, minlength=n)
+        chunk = counts.astype(np.int64) << 32
+        chunk[pos] += labels[lo:hi].astype(np.int64) + 1
         chunk = dist.all_reduce(ctx, chunk)
         hits = chunk >> 32
         out[s : s + n] = (chunk & 0xFFFFFFFF) - 1

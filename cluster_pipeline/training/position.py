@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cluster_pipeline.data.sampler import SAMPLER_VERSION
 from cluster_pipeline.training.checkpoints import to_array, to_tensor
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Position:
     acc_sums: np.ndarray | None = None
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     world: int = 1  # the world size that took the steps (each rank's share depends on it)
+    sampler: int = SAMPLER_VERSION  # the sampler the run draws with (1: started before int32)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -75,7 +77,7 @@ class Position:
         self.started, self.step = True, 0
 
     def next_epoch(self) -> Position:
-        return Position(self.epoch + 1, world=self.world)
+        return Position(self.epoch + 1, world=self.world, sampler=self.sampler)
 
     def rank_sums(self, rank: int) -> tuple[float, float]:
         """This rank's running sums of the epoch so far: loss and accuracy over its steps."""
@@ -86,7 +88,7 @@ class Position:
         return {
             "epoch": self.epoch, "started": self.started, "step": self.step,
             "loss_sums": to_tensor(self.loss_sums), "acc_sums": to_tensor(self.acc_sums),
-            "seconds": self.timer.snapshot(), "world": self.world,
+            "seconds": self.timer.snapshot(), "world": self.world, "sampler": self.sampler,
         }  # fmt: skip
 
     @classmethod
@@ -95,4 +97,5 @@ class Position:
             epoch=state["epoch"], started=state["started"], step=state["step"],
             loss_sums=to_array(state["loss_sums"]), acc_sums=to_array(state["acc_sums"]),
             timer=PhaseTimer(state["seconds"]), world=state["world"],
+            sampler=state.get("sampler", 1),
         )  # fmt: skip

@@ -39,6 +39,6 @@ def rotnet_targets(cfg: Config) -> FixedTargets:
         return ROTATIONS
 
     return FixedTargets(
-        "rotations", outputs, lambda s: (np.zeros(s.index.num_samples, dtype=np.int64), None),
+        "rotations", outputs, lambda s: (np.zeros(s.index.num_samples, dtype=np.int32), None),
         transform=rotate_batch,
     )  # fmt: skip

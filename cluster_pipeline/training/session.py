@@ -74,7 +74,7 @@ def open_session(
     ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
     optimizer = make_optimizer(model, cfg)
     saved = load_latest(run_dir, cfg, ctx)
-    pos, wandb_id = Position(world=ctx.world), None
+    pos, wandb_id = Position(world=ctx.world, sampler=cfg.train.sampler), None
     if saved is not None:
         pos, wandb_id = Position.from_state_dict(saved["position"]), saved["tracker"]["wandb_id"]
         model.load_state_dict(saved["model"])

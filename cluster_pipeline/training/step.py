@@ -15,7 +15,7 @@ from cluster_pipeline import dist
 from cluster_pipeline.config import Config, per_rank_batch_size
 from cluster_pipeline.data.augment import center_crop, random_resized_crop, to_float
 from cluster_pipeline.data.loader import batch_loader
-from cluster_pipeline.data.sampler import rank_slice, uniform_cluster_sampler
+from cluster_pipeline.data.sampler import rank_draws
 from cluster_pipeline.features.extract import as_layout
 from cluster_pipeline.training.seeding import Stream, seed_step, stream_seed
 from cluster_pipeline.training.session import Session
@@ -61,7 +61,7 @@ def train_one_epoch(
     b = per_rank_batch_size(cfg, ctx.world)
     num_draws = cfg.train.samples_per_epoch or s.reader.index.num_samples
     seed = stream_seed(cfg.train.seed, Stream.EPOCH, pos.epoch)
-    mine = rank_slice(uniform_cluster_sampler(labels, num_draws, seed), ctx.rank, ctx.world, b)
+    mine = rank_draws(pos.sampler, labels, num_draws, seed, ctx.rank, ctx.world, b)
     targets = torch.from_numpy(labels)
     gen = torch.Generator()
     total = torch.tensor(pos.rank_sums(ctx.rank), dtype=torch.float32, device=ctx.device)
@@ -75,7 +75,7 @@ def train_one_epoch(
         s.policy.at_step(pos, total)
         seed_step(gen, cfg.train.seed, pos.epoch, ctx.rank, pos.step)
         x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-        x, y = augment(x, cfg, gen), targets[idx].to(ctx.device)
+        x, y = augment(x, cfg, gen), targets[idx].to(ctx.device).long()
         if transform is not None:
             x, y = transform(x, y)
         total += train_step(s.ddp, s.optimizer, as_layout(x, cfg, ctx), y)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cluster_pipeline.clustering import metrics
+from cluster_pipeline.clustering.labels import as_labels
 from cluster_pipeline.config import Config, ConfigError
 from cluster_pipeline.data.reader import ShardIndex
 from cluster_pipeline.features.extract import extract_features
@@ -82,7 +83,8 @@ class Targets:
                 f"{run_dir} holds a run trained on {state['kind']} targets ({state['head']}), "
                 f"not {self.kind} ones; continue it with its own command or choose another run.dir"
             )
-        self.labels = to_array(state["labels"])
+        labels = to_array(state["labels"])
+        self.labels = None if labels is None else as_labels(labels)
 
 
 DEEPCLUSTER_COLUMNS: Columns = (
@@ -110,12 +112,15 @@ class DeepClusterTargets(Targets):
             s.index.num_samples, stream_seed(cfg.train.seed, Stream.EPOCH, epoch), s.pos.timer,
             before_clustering=lambda: s.stop.stop_if_requested(s.pos),
         )  # fmt: skip
-        self.labels = labels
+        self.labels = as_labels(labels)
         if clusters is not None:
             self.kmeans = {
                 "loss": clusters.loss, "n_empty_before_split": clusters.n_empty_before_split,
                 "k": len(clusters.centroids), "centroids": torch.from_numpy(clusters.centroids),
             }  # fmt: skip
+        if s.ctx.is_main:
+            self.kmeans["nmi_prev"] = metrics.nmi(self.prev_labels, self.labels)
+        self.prev_labels = None  # held only until NMI(t-1, t): one N-vector in the epoch, not two
         reset_head(
             s.model, torch.Generator().manual_seed(stream_seed(cfg.train.seed, Stream.HEAD, epoch))
         )
@@ -128,7 +133,7 @@ class DeepClusterTargets(Targets):
         assert self.labels is not None
         km = self.kmeans
         row: dict[str, Any] = {
-            "nmi_prev": metrics.nmi(self.prev_labels, self.labels),
+            "nmi_prev": km.get("nmi_prev"),
             "nmi_gt": metrics.nmi(truth, self.labels),
             "ari_gt": metrics.ari(truth, self.labels),
             "kmeans_loss": km.get("loss"),
@@ -152,7 +157,11 @@ class DeepClusterTargets(Targets):
 
     def load_state_dict(self, state: dict[str, Any], run_dir: Path) -> None:
         super().load_state_dict(state, run_dir)
-        self.prev_labels, self.kmeans = to_array(state["prev_labels"]), state["kmeans"]
+        prev = to_array(state["prev_labels"])
+        self.prev_labels, self.kmeans = None if prev is None else as_labels(prev), state["kmeans"]
+        if self.labels is not None and "nmi_prev" not in self.kmeans:  # written before 2026-12
+            self.kmeans["nmi_prev"] = metrics.nmi(self.prev_labels, self.labels)
+            self.prev_labels = None
 
 
 FIXED_COLUMNS: Columns = (
@@ -188,7 +197,7 @@ class FixedTargets(Targets):
         labels, summary = self.make(s)
         if summary:
             s.tracker.log_summary(summary)
-        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self.labels = as_labels(labels)
         return True
 
     def for_epoch(self, s: Session) -> None:
