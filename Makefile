@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
-.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-startup bench-datapath bench-verify bench-gather bench-labels \
+.PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-startup bench-datapath bench-verify bench-gather bench-labels bench-scale bench-peers \
 	bench-epoch bench-quality bench-specialists bench-activations launch clean
 
 venv: $(STAMP)
@@ -78,7 +78,7 @@ format: $(STAMP)
 
 # Benchmarks are not tests: each prints ratios measured side by side in one run and replaces its
 # own section of BENCHMARKS.md (with the machine and commit). Run them on an otherwise idle machine.
-bench: bench-clustering bench-startup bench-datapath bench-verify bench-gather bench-labels bench-epoch bench-quality bench-specialists \
+bench: bench-clustering bench-startup bench-datapath bench-verify bench-gather bench-labels bench-peers bench-epoch bench-quality bench-specialists \
 	bench-activations
 
 # kmeans.cluster_features vs bare faiss and scikit-learn, 100k x 256 -> 1k (about 2 min), and
@@ -115,6 +115,17 @@ bench-gather: $(STAMP)
 # per rank (about 1.5 min, 2 GB per rank).
 bench-labels: $(STAMP)
 	$(PY) -m bench.labels
+
+# The project against the code users would otherwise run, interleaved pairs: DeepCluster's faiss
+# recipe, webdataset's loader, a bare DDP loop, a model-only forward (about 15 min).
+bench-peers: $(STAMP) data/mnist5k/index.json
+	$(PY) -m bench.peers
+
+# ImageNet's count (1,281,167 synthetic samples) through one DeepCluster epoch with k = 10,000 on
+# 2 ranks, gather and sharded modes: each phase's time, time per sample, peak RSS, /dev/shm
+# (about 40 min and 3 GB of shards in data/; not part of `make bench`).
+bench-scale: $(STAMP)
+	$(PY) -m bench.scale
 
 # The demo's epoch: extraction I/O + gather + clustering + broadcast vs model compute (about 2 min).
 bench-epoch: data/mnist5k/index.json

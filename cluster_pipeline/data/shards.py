@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -39,6 +38,7 @@ from cluster_pipeline.data.sources import (
     mnist5k_source,
     synthetic_source,
 )
+from cluster_pipeline.data.tar_names import NAME_FIELD, TAR_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,6 @@ def shard_fingerprint(path: str | Path, nbytes: int | None = None) -> dict[str, 
     }
 
 
-def _member_offsets(tar_path: Path, keys: list[str], exts: list[str]) -> list[tuple[int, int]]:
-    """Byte offset and size of each sample's image member, read back from the tar headers."""
-    found: dict[str, tuple[int, int]] = {}
-    with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            found[m.name] = (m.offset_data, m.size)
-    return [found[f"{k}.{e}"] for k, e in zip(keys, exts, strict=True)]
-
-
 def _shard_part(source: Source, start: int, stop: int) -> Source:
     """Samples start..stop-1 alone: what one shard's writer is sent. Sending the whole source
     pickled all of it once per shard: ~9 s a shard for an ImageNet tree's 1.28M paths."""
@@ -109,16 +100,49 @@ def _shard_part(source: Source, start: int, stop: int) -> Source:
     return Source(part, source.ext[start:stop], source.labels[start:stop], source.classes)
 
 
+def _ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header block for a regular file `name` of `size` bytes: mode 0444, owner
+    0, mtime 0, so that the same samples always make the same shard bytes."""
+    raw = name.encode()
+    if len(raw) > NAME_FIELD:
+        raise ValueError(f"tar member name over {NAME_FIELD} bytes: {name!r}")
+    h = bytearray(TAR_HEADER)
+    h[: len(raw)] = raw
+    h[100:108] = b"0000444\0"
+    h[108:116] = h[116:124] = b"0000000\0"  # uid, gid
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"  # mtime
+    h[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    h[156:157] = b"0"  # a regular file
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
 def _write_shard(part: Source, out: Path, name: str, start: int) -> np.ndarray:
-    """One tar of `part`, samples start.. on; returns their (data offset, size) in the tar."""
-    keys = [f"{start + j:09d}" for j in range(len(part.ext))]
-    with wds.TarWriter(str(out / name)) as sink:
-        for j, key in enumerate(keys):
-            sample = {"__key__": key, part.ext[j]: part.images[j], "idx": str(start + j)}
+    """One tar of `part`, samples start.. on; returns their (data offset, size) in the tar.
+
+    Each sample's members in webdataset's order (its keys sorted): cls, idx, then the image.
+    The headers are written here, not with tarfile (its pax headers cost ~1 ms a sample in
+    Python: 20 minutes of one core for ImageNet's count), and the offsets are known as they
+    are written instead of read back."""
+    offsets = np.empty((len(part.ext), 2), dtype=np.int64)
+    pos = 0
+    with open(out / name, "wb") as fh:
+        for j in range(len(part.ext)):
+            key = f"{start + j:09d}"
+            members = {part.ext[j]: part.images[j], "idx": str(start + j).encode()}
             if part.labels[j] >= 0:
-                sample["cls"] = str(int(part.labels[j]))
-            sink.write(sample)
-    return np.asarray(_member_offsets(out / name, keys, part.ext), dtype=np.int64)
+                members["cls"] = str(int(part.labels[j])).encode()
+            for ext in sorted(members):
+                data = members[ext]
+                if ext == part.ext[j]:
+                    offsets[j] = pos + TAR_HEADER, len(data)
+                pad = -len(data) % TAR_HEADER
+                fh.write(_ustar_header(f"{key}.{ext}", len(data)) + data + b"\0" * pad)
+                pos += TAR_HEADER + len(data) + pad
+        fh.write(b"\0" * (2 * TAR_HEADER))  # the end-of-archive marker
+    return offsets
 
 
 def write_shards(
