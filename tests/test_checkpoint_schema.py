@@ -49,3 +49,26 @@ def test_current_schema_passes_through_and_newer_is_refused_by_number() -> None:
     assert upgrade(current, "x.pt") is current
     with pytest.raises(CheckpointError, match=r"run/ckpt.pt has checkpoint schema version 7"):
         upgrade(current | {"schema_version": 7}, "run/ckpt.pt")
+
+
+def test_targets_hold_one_label_vector_and_take_old_ones_as_int32() -> None:
+    """A mid-epoch state written before NMI(t-1, t) was kept in it (both labelings, int64)
+    loads as int32 labels with that NMI computed, the previous labels dropped: an epoch holds
+    one N-vector of labels, whatever wrote its checkpoint."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from cluster_pipeline.clustering import metrics
+    from cluster_pipeline.training.targets import DeepClusterTargets
+
+    labels, prev = torch.arange(12) % 3, torch.arange(12) % 4
+    t = DeepClusterTargets()
+    state = {"kind": "deepcluster", "head": "clusters", "labels": labels, "prev_labels": prev,
+             "kmeans": {"loss": 0.5, "k": 3}}  # fmt: skip
+    t.load_state_dict(state, Path("run"))
+    assert t.labels is not None and t.labels.dtype == np.int32 and t.prev_labels is None
+    assert t.kmeans["nmi_prev"] == metrics.nmi(prev.numpy(), labels.numpy())
+    assert t.epoch_row(None)["nmi_prev"] == t.kmeans["nmi_prev"]
+    saved = t.state_dict()
+    assert saved["labels"].dtype == torch.int32 and saved["prev_labels"] is None
