@@ -295,13 +295,18 @@ def train_ranks(rank: int, world: int, cfg: Config, steps: int, pairs: int) -> d
     return {"times": times, "final_loss": final, "batch": bs}
 
 
+def slower_rank_pairs(ranks: list[dict], pairs: int) -> tuple[list[float], ...]:
+    """Per pair, the project's and the peer's time on the slower rank (both ranks run
+    together, so a timing ends with the slower one), and peer ÷ project."""
+    proj = [max(r["times"]["project"][p] for r in ranks) for p in range(pairs)]
+    peer = [max(r["times"]["peer"][p] for r in ranks) for p in range(pairs)]
+    return proj, peer, [b / a for a, b in zip(proj, peer, strict=True)]
+
+
 def measure_train(args: argparse.Namespace, cfg: Config) -> dict:
     print(f"3. training step: 2 gloo ranks, {args.steps} steps per timing", flush=True)
     ranks = run_ranks(2, train_ranks, cfg, args.steps, args.pairs, timeout=600, threads=None)
-    # Both ranks run together; a timing ends with the slower one.
-    proj = [max(r["times"]["project"][p] for r in ranks) for p in range(args.pairs)]
-    peer = [max(r["times"]["peer"][p] for r in ranks) for p in range(args.pairs)]
-    ratios = [b / a for a, b in zip(proj, peer, strict=True)]
+    proj, peer, ratios = slower_rank_pairs(ranks, args.pairs)
     for p in range(args.pairs):
         print(f"   pair {p}: project {proj[p]:.3f} s, bare DDP {peer[p]:.3f} s, "
               f"ratio {ratios[p]:.3f}", flush=True)  # fmt: skip
@@ -368,9 +373,7 @@ def measure_extract(args: argparse.Namespace, cfg: Config, tmp: Path) -> dict:
     print(f"4. extraction: {what}, 2 gloo ranks", flush=True)
     ranks = run_ranks(2, extract_ranks, cfg, str(shard_dir), args.pairs, timeout=600,
                       threads=None)  # fmt: skip
-    proj = [max(r["times"]["project"][p] for r in ranks) for p in range(args.pairs)]
-    peer = [max(r["times"]["peer"][p] for r in ranks) for p in range(args.pairs)]
-    ratios = [b / a for a, b in zip(proj, peer, strict=True)]
+    proj, peer, ratios = slower_rank_pairs(ranks, args.pairs)
     for p in range(args.pairs):
         print(f"   pair {p}: extract_features {proj[p]:.3f} s, forward alone {peer[p]:.3f} s, "
               f"ratio {ratios[p]:.3f}", flush=True)  # fmt: skip

@@ -79,6 +79,10 @@ SCENARIO = textwrap.dedent("""
         with dist.process_group(600, timeout) as ctx:
             labels = dist.on_rank0(ctx, cluster_for_a_while, 3 * timeout)
             print("labels", broadcast_labels(ctx, labels, 10).tolist(), flush=True)
+    elif scenario == "slow":  # rank 0 works alone for longer than dist.timeout_s
+        with dist.process_group(timeout, 60) as ctx:
+            labels = dist.on_rank0(ctx, cluster_for_a_while, 3 * timeout)
+            print("labels", broadcast_labels(ctx, labels, 10).tolist(), flush=True)
     elif scenario == "in_collective":  # rank 0 waits in a barrier for rank 1, which is killed
         try:
             with dist.process_group(600, timeout) as ctx:
@@ -111,6 +115,21 @@ def test_a_busy_rank_is_not_declared_dead(tmp_path: Path) -> None:
     for rank in range(2):
         out = (tmp_path / f"out{rank}.txt").read_text()
         assert "labels [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in out and "lost" not in out, out
+
+
+def test_a_wait_past_dist_timeout_says_which_setting_to_raise(tmp_path: Path) -> None:
+    """Rank 0 works alone for 3 x dist.timeout_s while rank 1 waits for its labels, as in
+    gather mode at ImageNet's size on CPU: rank 1 fails with what to raise, not gloo's "Timed
+    out waiting 2000ms for recv operation", and neither rank hangs."""
+    procs = start_cli_ranks(["-c", SCENARIO, "slow", "2"], tmp_path)
+    try:
+        codes = [p.wait(timeout=limit(120)) for p in procs]
+    finally:
+        kill_all(procs)
+    out0, out1 = ((tmp_path / f"out{r}.txt").read_text() for r in range(2))
+    assert codes[0] != 0 and codes[1] != 0, (out0[-2000:], out1[-2000:])
+    said = "a collective waited dist.timeout_s=2 s for another rank that is alive and busy"
+    assert said in out1 and "raise dist.timeout_s" in out1, out1[-3000:]
 
 
 def test_teardown_after_a_lost_rank_does_not_wait_for_it(tmp_path: Path) -> None:

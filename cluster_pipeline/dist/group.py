@@ -161,7 +161,7 @@ def process_group(
     """
     ctx = init_distributed(timeout_s, heartbeat_timeout_s)
     try:
-        with naming_lost_ranks(ctx.heartbeat):
+        with naming_lost_ranks(ctx.heartbeat, timeout_s):
             try:
                 yield ctx
             except together:

@@ -30,6 +30,8 @@ from cluster_pipeline.dist.errors import (
 
 log = logging.getLogger(__name__)
 
+# What gloo says when a collective's wait passed the group's timeout.
+GLOO_TIMEOUT = "Timed out waiting"
 # Heartbeat values that are not beats: the rank left the group normally, or on an error.
 _LEFT, _FAILED = -1, -2
 # The package whose functions `_where` names (cluster_pipeline/, not only dist/).
@@ -294,7 +296,7 @@ def _where(frames: list[FrameType]) -> str:
 
 
 @contextlib.contextmanager
-def naming_lost_ranks(heartbeat: Heartbeat | None) -> Iterator[None]:
+def naming_lost_ranks(heartbeat: Heartbeat | None, timeout_s: float = 0) -> Iterator[None]:
     """Raise a collective's failure caused by a rank that is gone as an error that names it.
 
     gloo raises "Connection closed by peer" at once when a rank dies; the heartbeats tell which
@@ -302,7 +304,9 @@ def naming_lost_ranks(heartbeat: Heartbeat | None) -> Iterator[None]:
     that error's first line and exit status). Leaving on any error marks this rank as failed in
     the store for the others, with its error. An error of this rank's own making (a bad sample,
     a full disk: one that says its `exit_status`) is this rank's, whatever the others did, and
-    goes on as it is: only a collective's failure is explained by the others' state.
+    goes on as it is: only a collective's failure is explained by the others' state. A
+    collective that timed out while every peer still beats waited on a live but slow one: that
+    says which setting to raise (`timeout_s`, the group's).
     """
     try:
         yield
@@ -311,6 +315,13 @@ def naming_lost_ranks(heartbeat: Heartbeat | None) -> Iterator[None]:
         own = hasattr(exc, "exit_status") or not isinstance(exc, RuntimeError)
         if heartbeat is not None and not own and not isinstance(exc, RankLostError):
             better = heartbeat.explain(exc)
+        if better is None and not own and GLOO_TIMEOUT in str(exc):
+            better = RuntimeError(
+                f"a collective waited dist.timeout_s={timeout_s:g} s for another rank that is "
+                "alive and busy (its heartbeat kept beating): raise dist.timeout_s above the "
+                "longest phase one rank works alone, such as rank 0's clustering in "
+                f"cluster.mode=gather while the others wait for the labels ({error_line(exc)})"
+            )
         if heartbeat is not None:
             heartbeat.stop(failed=True, error=exc if better is None else better)
         if better is None:
