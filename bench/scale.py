@@ -202,7 +202,7 @@ def report(shards: dict, big: list[dict], small: list[dict], runtime: float, n: 
             ratio = per / per0 if per0 > 0 else float("nan")
             extra = ""
             if p == "cluster" and per0 > 0:
-                extra = f" ({ratio * ref['k'] / run['k']:.2f} per sample·k)"
+                extra = f" ({ratio * ref['k'] / run['k']:.3f} per sample·k)"
             peaks = [run["peaks"].get(r, {}).get(p, (0, 0)) for r in range(2)]
             rows.append([p, f"{s:.1f}", f"{per * 1e6:.1f}", f"{per0 * 1e6:.1f}",
                          f"{ratio:.2f}{extra}",
