@@ -123,7 +123,7 @@ bench-peers: $(STAMP) data/mnist5k/index.json
 
 # ImageNet's count (1,281,167 synthetic samples) through one DeepCluster epoch with k = 10,000 on
 # 2 ranks, gather and sharded modes: each phase's time, time per sample, peak RSS, /dev/shm
-# (about 40 min and 3 GB of shards in data/; not part of `make bench`).
+# (about 30 min and 4.3 GB of shards in data/; not part of `make bench`).
 bench-scale: $(STAMP)
 	$(PY) -m bench.scale
 

@@ -12,7 +12,7 @@ While a run goes, every 0.25 s each rank's resident memory (VmRSS of the rank pr
 its DataLoader workers apart) and /dev/shm's use are sampled; the phases' start and end times
 come from the ranks' debug logs (`phase ... started/ended`), so each phase has its peaks.
 
-    .venv/bin/python -m bench.scale                     # make bench-scale (about 40 min)
+    .venv/bin/python -m bench.scale                     # make bench-scale (about 30 min)
     .venv/bin/python -m bench.scale --n 200000 --no-write
 """
 
