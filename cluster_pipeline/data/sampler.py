@@ -105,8 +105,8 @@ def rank_draws(
     if version == 1:
         return rank_slice(uniform_cluster_sampler_v1(labels, num_draws, seed), rank, world,
                           batch_size)  # fmt: skip
-    steps = num_draws // (world * batch_size)
-    return uniform_cluster_sampler(labels, num_draws, seed, rank, world)[: steps * batch_size]
+    mine = uniform_cluster_sampler(labels, num_draws, seed, rank, world)
+    return mine[: _rank_rows(num_draws, world, batch_size)]
 
 
 def rank_slice(draws: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:
@@ -114,5 +114,9 @@ def rank_slice(draws: np.ndarray, rank: int, world: int, batch_size: int) -> np.
 
     Equal step counts are what keep DDP's all-reduces matched across ranks.
     """
-    steps = len(draws) // (world * batch_size)
-    return np.ascontiguousarray(draws[rank::world][: steps * batch_size])
+    return np.ascontiguousarray(draws[rank::world][: _rank_rows(len(draws), world, batch_size)])
+
+
+def _rank_rows(num_draws: int, world: int, batch_size: int) -> int:
+    """The draws each rank takes: whole steps, as many on every rank."""
+    return num_draws // (world * batch_size) * batch_size

@@ -78,6 +78,7 @@ class SyntheticImages(Sequence[bytes]):
     def __init__(self, n: int, size: int, classes: int, start: int = 0) -> None:
         self.n, self.size, self.classes, self.start = n, size, classes, start
         self._patterns: dict[int, np.ndarray] = {}
+        self._class_of: np.ndarray | None = None  # this slice's classes, made on first use
 
     def __len__(self) -> int:
         return self.n
@@ -110,7 +111,7 @@ class SyntheticImages(Sequence[bytes]):
         return pattern + tile.reshape(pattern.shape)
 
     def _classes(self) -> np.ndarray:
-        if not hasattr(self, "_class_of"):
+        if self._class_of is None:
             self._class_of = synthetic_classes(np.arange(self.start, self.start + self.n),
                                                self.classes)  # fmt: skip
         return self._class_of
