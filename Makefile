@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 NPROC  ?= 2
 
 .PHONY: venv demo demo-shards test test-fast lint format bench bench-clustering bench-reader-ab bench-startup bench-datapath bench-verify bench-gather bench-labels bench-scale bench-peers \
-	bench-epoch bench-quality bench-specialists bench-activations launch clean
+	bench-epoch bench-quality bench-specialists bench-activations gpu-check gpu-wheels launch clean
 
 venv: $(STAMP)
 
@@ -146,6 +146,23 @@ bench-specialists: data/mnist5k/index.json
 # k-means on each layer's activations (random init vs DeepCluster), NMI per layer (about 3 min).
 bench-activations: data/mnist5k/index.json
 	$(PY) -m bench.activations
+
+# The GPU path on one lent GPU (an H200 here), under 6 minutes: torch k-means at ImageNet's
+# shape, GPU PCA, ResNet-50 bf16 extraction from shards, a 2-epoch DeepCluster run; figures to
+# $$OUT/gpu_check.json (bench/gpu_check.py). It needs torch, numpy, scipy, scikit-learn,
+# pillow and pyyaml, plus the wheels of `make gpu-wheels` (.whl/, under 1 MiB), installed by
+# this target when .whl/ is there. On a CPU: python -m bench.gpu_check --cpu (the suite runs it).
+gpu-check:
+	if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target /tmp/site .whl/*.whl; fi; \
+	PYTHONPATH=/tmp/site:$$PWD PYTHONUNBUFFERED=1 python3 -m bench.gpu_check --out $${OUT:-.}
+
+# The wheels the GPU machine lacks, for Python 3.12 (its Python), into .whl/ (git-ignored).
+GPU_WHEELS := omegaconf==2.4.0 simplejpeg==1.9.0
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf runs data .pytest_cache .mypy_cache .ruff_cache

@@ -94,6 +94,25 @@ def load_average() -> str:
 LOAD_AT_START = load_average()  # before the benchmark's own work: is anything else running?
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs from /proc/stat; (0, 0) where it cannot be read."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+# The CPU time the hypervisor gave to others ("steal") while the benchmark ran: on a shared
+# VM it slows either side of a comparison at random, which is why every ratio is interleaved.
+CPU_AT_START = cpu_times()
+
+
+def steal_share() -> str:
+    steal, total = (b - a for a, b in zip(CPU_AT_START, cpu_times(), strict=True))
+    return f"{steal / total:.0%}" if total > 0 else "unknown"
+
+
 def provenance(module: str, runtime_s: float) -> list[str]:
     """The Markdown bullets that say when, where and how a section was measured."""
     return [
@@ -101,7 +120,8 @@ def provenance(module: str, runtime_s: float) -> list[str]:
         f"- Machine: {machine()}",
         f"- Command: `{' '.join([f'.venv/bin/python -m {module}', *sys.argv[1:]])}`",
         f"- Runtime of the benchmark: {runtime_s:.0f} s; load average (1, 5, 15 min) when it "
-        f"started: {LOAD_AT_START}, at the end: {load_average()} (its own work included)",
+        f"started: {LOAD_AT_START}, at the end: {load_average()} (its own work included); "
+        f"CPU time stolen by the hypervisor during the run: {steal_share()}",
     ]
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from PIL import Image
 
 from cluster_pipeline.config import ARCHS, ModelConfig
 from cluster_pipeline.data.augment import random_resized_crop
-from cluster_pipeline.data.loader import batch_loader
+from cluster_pipeline.data.loader import batch_loader, start_worker_server
 from cluster_pipeline.data.reader import SampleReader, ShardError, ShardIndex
 from cluster_pipeline.data.sampler import (
     rank_slice,
@@ -540,29 +543,69 @@ def test_no_sobel_input_layer_is_identity():
 def test_batch_loader_workers_come_from_a_forkserver_with_a_timeout(digits_shards: Path):
     """Forked workers of a threaded rank can deadlock (CPython gh-112275); a stall must error."""
     reader = SampleReader(ShardIndex.load(digits_shards), load_size=8, channels=1)
-    loader = batch_loader(reader, np.arange(300), batch_size=128, num_workers=2, timeout_s=30)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # a rank always runs more than one thread
+    other.start()
+    try:
+        loader = batch_loader(reader, np.arange(300), batch_size=128, num_workers=2, timeout_s=30)
+    finally:
+        stop.set()
+        other.join()
     assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
     assert loader.loader.timeout == 30
     seen = np.concatenate([batch.indices.numpy() for batch in loader])
     np.testing.assert_array_equal(seen, np.arange(300))
 
 
-def test_the_worker_server_loads_pil_plugins_once_for_every_worker() -> None:
-    """PIL imports its format plugins on a process's first Image.open: ~0.2 s that each worker
-    of each loader paid on its first batch until the forkserver loaded them for all."""
-    probe = (
-        "from PIL import Image; before = Image._initialized; "
-        "import cluster_pipeline.data.forkserver_guard; print(before, Image._initialized)"
-    )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+ONE_THREAD_LOADER = """
+import sys
+import threading
+import numpy as np
+from cluster_pipeline.data.loader import batch_loader, start_worker_server
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+
+reader = SampleReader(ShardIndex.load(sys.argv[1]), load_size=8, channels=1)
+print(threading.active_count())
+for _ in range(2):  # the second right after the first, whose queues' threads are still ending
+    loader = batch_loader(reader, np.arange(1797), batch_size=128, num_workers=2)
+    seen = np.concatenate([batch.indices.numpy() for batch in loader])
+    assert (seen == np.arange(1797)).all(), seen
+    print(loader.loader.multiprocessing_context.get_start_method())
+"""
+
+
+def test_batch_loader_forks_its_workers_in_a_process_of_one_thread(digits_shards: Path):
+    """No forkserver to start (it imports torch anew, ~1.5 s before the first batch) where a
+    fork cannot inherit another thread's lock: a single process reading shards."""
+    out = subprocess.run([sys.executable, "-c", ONE_THREAD_LOADER, str(digits_shards)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["0", "1"], out.stdout
+    assert out.stdout.split() == ["1", "fork", "fork"], out.stdout
+
+
+def _preloaded(queue: Any) -> None:
+    queue.put([name in sys.modules for name in ("numpy.random", "PIL.JpegImagePlugin")])
+
+
+def test_workers_start_with_numpy_random_and_pil_plugins_loaded() -> None:
+    """torch's worker loop seeds numpy.random, which numpy imports on first use (0.15 s), and
+    PIL imports its format plugins on the first Image.open (0.2 s): each worker of each loader
+    paid both before its first batch until the forkserver loaded them for all."""
+    start_worker_server()
+    ctx = multiprocessing.get_context("forkserver")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_preloaded, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == [True, True]
+    finally:
+        child.join(timeout=30)
 
 
 EXIT_WITH_A_LIVE_LOADER = """
 import sys
 import numpy as np
-from cluster_pipeline.data.loader import batch_loader
+from cluster_pipeline.data.loader import batch_loader, start_worker_server
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 
 if __name__ == "__main__":

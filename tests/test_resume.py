@@ -297,21 +297,69 @@ def test_a_second_ctrl_c_aborts_at_once(digits_shards: Path, tmp_path: Path) -> 
 SCHEMA1_RUN = REPO / "tests" / "data" / "schema1-mid-epoch"  # see its README.md
 
 
+def schema1_of(ckpt: dict, prev_labels: torch.Tensor) -> dict:
+    """A checkpoint of today's schema in the flat layout the code before named parts wrote
+    (the inverse of `checkpoints.upgrade`; SCHEMA1_RUN holds a real one to compare with):
+    int64 labels, and the previous epoch's labels where today's holds their NMI instead."""
+    t, p = ckpt["targets"], ckpt["position"]
+    kmeans = {k: v for k, v in t["kmeans"].items() if k != "nmi_prev"}
+    return {"epoch": p["epoch"], "step": p["step"], "labels": t["labels"].long(),
+            "prev_labels": prev_labels.long(), "kmeans": kmeans, "loss_sums": p["loss_sums"],
+            "acc_sums": p["acc_sums"], "seconds": p["seconds"], "fixed_labels": None,
+            "head": t["head"], "model": ckpt["model"], "optimizer": ckpt["optimizer"],
+            "world": p["world"], "wandb_id": ckpt["tracker"]["wandb_id"],
+            "config": ckpt["config"]}  # fmt: skip
+
+
+def layout(value: object) -> object:
+    """The keys, types, shapes and dtypes of a checkpoint, not its values."""
+    if isinstance(value, dict):
+        return {k: layout(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    return type(value).__name__
+
+
 def test_a_schema1_checkpoint_resumes_bit_identical(digits_shards: Path, tmp_path: Path) -> None:
-    """A run stopped mid-epoch by the code before checkpoints had named parts (schema 1, a flat
-    dict) continues with today's code, and with the sampler it started with (version 1, kept
-    for such runs), to the weights and metrics of an uninterrupted run with that sampler."""
+    """A run stopped mid-epoch under the checkpoint layout before named parts (schema 1, a flat
+    dict, with the sampler it started with, version 1) continues with today's code to the
+    weights and metrics of the uninterrupted run. The schema-1 checkpoint is written here, from
+    this machine's own stopped run, in the layout of the real one in SCHEMA1_RUN (made by that
+    code on another CPU, whose kernels round the training steps differently)."""
     reference = tmp_path / "reference"
     sampler_v1 = overrides(digits_shards, reference, "train.sampler=1")
     assert run_ranks(2, train_rank, sampler_v1, 0) == ["done"] * 2
     run_dir = tmp_path / "run"
-    shutil.copytree(SCHEMA1_RUN, run_dir)
-    (old,) = checkpoint.list_checkpoints(run_dir)
-    assert "schema_version" not in torch.load(old, weights_only=True)
+    stopped = overrides(digits_shards, run_dir, "train.sampler=1")
+    assert all(
+        r.startswith("stopped:") for r in run_ranks(2, train_rank, stopped, STOPS["mid-epoch"])
+    )
+    *earlier, latest = checkpoint.list_checkpoints(run_dir)
+    states = [torch.load(path, weights_only=True) for path in earlier]
+    (epoch0,) = [c["targets"]["labels"] for c in states if c["position"]["epoch"] == 0
+                 and c["targets"]["labels"] is not None][-1:]  # fmt: skip
+    old = schema1_of(torch.load(latest, weights_only=True), epoch0)
+    (real,) = checkpoint.list_checkpoints(SCHEMA1_RUN)
+    real_old = torch.load(real, weights_only=True)
+    assert layout(old) == layout(real_old)  # the old code's layout, key for key
+    assert (old["epoch"], old["step"]) == (real_old["epoch"], real_old["step"]) == (1, 5)
+    torch.save(old, latest)
     assert run_ranks(2, train_rank, overrides(digits_shards, run_dir), 0) == ["done"] * 2
     assert weights_hash(run_dir) == weights_hash(reference)
     assert metric_values(run_dir) == metric_values(reference)
     assert torch.load(checkpoint.list_checkpoints(run_dir)[-1])["schema_version"] == 2
+
+
+def test_the_old_codes_own_schema1_run_resumes_to_the_end(digits_shards: Path, tmp_path: Path):
+    """The run directory the code before named parts left (SCHEMA1_RUN) resumes with today's
+    code, with sampler 1, and finishes every epoch in today's schema. (Its bits belong to the
+    CPU it was made on: the test above checks them on this one.)"""
+    run_dir = tmp_path / "run"
+    shutil.copytree(SCHEMA1_RUN, run_dir)
+    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir), 0) == ["done"] * 2
+    final = torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)
+    assert final["schema_version"] == 2 and final["position"]["sampler"] == 1
+    assert [r["epoch"] for r in metric_values(run_dir)] == list(range(EPOCHS))
 
 
 def test_resume_refuses_a_different_world_size_mid_epoch(

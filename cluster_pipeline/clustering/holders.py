@@ -31,10 +31,17 @@ class Holders(Protocol):
         ...
 
     def fit_pca(
-        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
+        self,
+        index: np.ndarray,
+        rows: np.ndarray,
+        dim: int,
+        whiten: bool,
+        seed: int,
+        exact: bool,
+        device: str | None = None,
     ) -> PCA:
         """`fit_pca` of every holder's `rows` together, in order of `index`, fitted once; the
-        PCA on every holder."""
+        PCA on every holder, applied on its own `device` (None: NumPy)."""
         ...
 
 
@@ -49,10 +56,18 @@ class _Local:
         return np.asarray(values, dtype=np.int64)
 
     def fit_pca(
-        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
+        self,
+        index: np.ndarray,
+        rows: np.ndarray,
+        dim: int,
+        whiten: bool,
+        seed: int,
+        exact: bool,
+        device: str | None = None,
     ) -> PCA:
-        rows = rows[np.argsort(index, kind="stable")]
-        return fit_pca(rows, dim, whiten=whiten, seed=seed, exact=exact)
+        if len(index) > 1 and not (np.diff(index) > 0).all():  # gathered rows come sorted
+            rows = rows[np.argsort(index, kind="stable")]
+        return fit_pca(rows, dim, whiten=whiten, seed=seed, exact=exact, device=device)
 
 
 LOCAL: Holders = _Local()

@@ -1,6 +1,7 @@
 """The clustering step of a DeepCluster epoch, as pure functions on NumPy arrays: PCA-whitening
-(`pca`), Lloyd's iterations on faiss's search (`search`), assignment of every point and the
-empty-cluster split (`split`). Nothing here knows about torch or torch.distributed.
+(`pca`), Lloyd's iterations on a certified nearest-centroid search (`search`), assignment of
+every point and the empty-cluster split (`split`). Nothing here knows about torch.distributed;
+the torch backend (`torch_kmeans`, cluster.backend=torch) sits behind the same `Engine`.
 
 One algorithm, `cluster`, serves both modes. Gather mode runs it on rank 0 over every row
 (`holders.LOCAL`); sharded mode runs it on every rank over the rows that rank extracted, and
@@ -16,8 +17,9 @@ so the arithmetic is chosen to make it true on any CPU:
 - matrix products (PCA's projection and covariance) are exact products of operands rounded to
   integers in float64 (`exact.exact_matmul`), which any kernel sums to the same bits;
 - per-cluster sums and the loss are sums of fixed-point integers, exact in any order;
-- a point's nearest centroid is faiss's float32 answer where a bound on faiss's rounding error
-  proves it is the exact argmin, and the exact argmin otherwise (`search.assign`);
+- a point's nearest centroid is the float32 search's answer where a bound on float32's
+  rounding error proves it is the exact argmin, and the exact argmin otherwise
+  (`search.assign`);
 - every random choice is keyed by global sample index (`keys`);
 - LAPACK's eigendecomposition, whose bits depend on its thread count, runs on one thread.
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -53,6 +55,86 @@ if TYPE_CHECKING:  # the type only: importing the config at run time would impor
 log = logging.getLogger(__name__)
 
 
+class Engine(Protocol):
+    """Where Lloyd's iterations and the assignments run: cluster.backend's one seam.
+
+    `FaissEngine` (faiss): NumPy's certified float32 search on the CPU, faiss's on GPUs.
+    `torch_kmeans.TorchEngine` (torch): torch on the rank's GPU, or on the CPU.
+    """
+
+    @property
+    def exact_pca(self) -> bool:
+        """Fit and apply the PCA with exact products (bitwise runs)."""
+        ...
+
+    @property
+    def pca_device(self) -> str | None:
+        """The torch device the PCA runs on (`pca_torch`); None: NumPy on the host."""
+        ...
+
+    def assign(self, x: np.ndarray, centroids: np.ndarray) -> np.ndarray: ...
+
+    def lloyd(
+        self,
+        holders: Holders,
+        x: np.ndarray,
+        centroids: np.ndarray,
+        niter: int,
+        scale: float,
+        rng: np.random.Generator,
+    ) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FaissEngine:
+    """cluster.backend=faiss: the certified float32 search on the CPU (`search.assign`), or
+    faiss's search on `gpu`; the sums and centroids in NumPy (`lloyd`)."""
+
+    gpu: GpuSearch | None = None
+    # The torch device of the PCA when the search runs on GPUs (this holder's first one).
+    gpu_device: str | None = None
+
+    @property
+    def exact_pca(self) -> bool:
+        return self.gpu is None  # on GPUs the search is not bitwise: nor need the PCA be
+
+    @property
+    def pca_device(self) -> str | None:
+        return None if self.gpu is None else self.gpu_device
+
+    def assign(self, x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+        return assign(x, centroids, self.gpu)
+
+    def lloyd(
+        self,
+        holders: Holders,
+        x: np.ndarray,
+        centroids: np.ndarray,
+        niter: int,
+        scale: float,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        return lloyd(holders, x, centroids, niter, scale, rng, self.gpu)
+
+
+def make_engine(c: ClusterConfig, gpu_index: int | None, all_gpus: bool) -> Engine:
+    """The engine of cluster.backend for a holder whose GPU is `gpu_index` (None: no GPU, or
+    cluster.use_gpu=false). `all_gpus`: the faiss backend searches on every GPU of the machine
+    (rank 0 in gather mode); the torch backend always uses the one GPU."""
+    if c.backend == "torch":
+        from cluster_pipeline.clustering.torch_kmeans import TorchEngine
+
+        device = "cpu" if gpu_index is None or not c.use_gpu else f"cuda:{gpu_index}"
+        return TorchEngine(device, str(c.torch_matmul))
+    if gpu_index is not None and c.use_gpu and num_gpus() == 0:
+        log.warning("cluster.backend=faiss: this GPU node has no faiss-gpu, so k-means runs on "
+                    "the CPU; install '.[gpu]' or set cluster.backend=torch")  # fmt: skip
+    if gpu_index is None or not c.use_gpu or num_gpus() == 0:
+        return FaissEngine()
+    gpu = GpuSearch() if all_gpus else GpuSearch(gpu_index)
+    return FaissEngine(gpu, f"cuda:{gpu_index}")
+
+
 @dataclass(frozen=True)
 class Clustering:
     labels: np.ndarray  # (n,) int32 of the rows clustered, every cluster non-empty when N >= k
@@ -68,24 +150,26 @@ def cluster(
     feats: np.ndarray,
     c: ClusterConfig,
     seed: int,
-    gpu: GpuSearch | None = None,
+    engine: Engine | None = None,
 ) -> Clustering:
     """The clustering step of a DeepCluster epoch: PCA fitted on a sample, projection and L2,
     Lloyd's iterations from k samples chosen by key, assignment of every row, the empty-cluster
     split. Row j of `feats` is sample `index[j]`; the labels are those of this holder's rows,
-    the rest is the same on every holder. The search runs on `gpu` when given: the caller
-    reads `c.use_gpu`, since it knows which GPUs are this holder's.
+    the rest is the same on every holder. Lloyd's iterations and the assignments run on
+    `engine` (default: the CPU's certified search): the caller makes it (`make_engine`), since
+    it knows which GPUs are this holder's.
 
     Collective when `holders` is: call on every rank.
     """
     k = c.k
+    engine = engine or FaissEngine()
     n = int(holders.sum(np.array([len(index)], dtype=np.int64))[0])
     if k > n:
         raise ValueError(f"k={k} but only {n} samples were extracted; lower cluster.k")
-    exact = gpu is None  # on GPUs the search is not bitwise: plain float32 products there too
     pca = None
     if c.pca_dim:
-        pca = fit_pca_on_sample(holders, index, feats, n, c.pca_dim, c.whiten, seed, exact)
+        pca = fit_pca_on_sample(holders, index, feats, n, c.pca_dim, c.whiten, seed,
+                                engine.exact_pca, engine.pca_device)  # fmt: skip
     x = project(feats, pca, c.l2_normalize)
     check_finite(holders, x, index)
     centroids = initial_centroids(holders, x, index, k, seed)
@@ -94,8 +178,8 @@ def cluster(
     train = keep_fraction(index, k * c.max_points_per_centroid / n, seed, SALT_TRAIN)
     x_train = x if train.all() else x[train]  # a copy only when subsampling (k * mppc < N)
     rng = np.random.default_rng([seed, SALT_TRAIN])
-    centroids = lloyd(holders, x_train, centroids, c.niter, scale, rng, gpu)
-    labels = assign(x, centroids, gpu)
+    centroids = engine.lloyd(holders, x_train, centroids, c.niter, scale, rng)
+    labels = engine.assign(x, centroids)
     labels, centroids, n_empty = split_empty_clusters_keyed(
         holders, x, index, labels, centroids, scale, seed, c.split_eps
     )
@@ -110,11 +194,18 @@ def cluster_features(
 ) -> Clustering:
     """`cluster` over rows that are all here: rank 0's gathered features, an analysis's.
 
-    Row i is sample `index[i]` (default: i). `c.use_gpu`: search on every GPU of the machine.
+    Row i is sample `index[i]` (default: i). `c.use_gpu`: faiss searches on every GPU of the
+    machine, torch runs on this process's current GPU.
     """
     index = np.arange(len(feats), dtype=np.int64) if index is None else index
-    gpu = GpuSearch() if c.use_gpu and num_gpus() > 0 else None
-    return cluster(LOCAL, index, feats, c, seed, gpu)
+    return cluster(LOCAL, index, feats, c, seed, make_engine(c, current_gpu(), all_gpus=True))
+
+
+def current_gpu() -> int | None:
+    """This process's CUDA device (the rank's own), or None without one."""
+    import torch  # here: the clustering functions themselves need NumPy alone
+
+    return int(torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 def check_finite(holders: Holders, x: np.ndarray, index: np.ndarray) -> None:

@@ -43,13 +43,19 @@ def covariance(x: np.ndarray, mean: np.ndarray, exact: bool = True) -> np.ndarra
         return (centred.T @ centred).astype(np.float64) / max(1, len(x) - 1)
     d = x.shape[1]
     gram = np.zeros((d, d), dtype=np.float64)
+    # Two work arrays for every block: fresh 64 MiB arrays per block would be mapped and
+    # faulted in anew each time, which costs more than the products on some machines.
+    work = np.empty((min(GRAM_ROWS, len(x)), d), dtype=np.float64)
+    block = np.empty((d, d), dtype=np.float64)
     for s in range(0, len(x), GRAM_ROWS):
-        q = x[s : s + GRAM_ROWS].astype(np.float64) - mean
+        q = work[: len(x[s : s + GRAM_ROWS])]
+        np.subtract(x[s : s + GRAM_ROWS], mean, out=q)
         bits = min(exact_bits(len(q)))
-        scale = power_of_two_scale(np.abs(q).max(axis=0, initial=0.0), bits)
+        top = np.maximum(q.max(axis=0, initial=0.0), -q.min(axis=0, initial=0.0))
+        scale = power_of_two_scale(top, bits)
         q *= scale
         np.rint(q, out=q)
-        block = q.T @ q
+        np.matmul(q.T, q, out=block)
         block /= scale[:, None]  # powers of two: exact
         block /= scale[None, :]
         gram += block
@@ -63,10 +69,17 @@ class PCA:
     # Fitted and applied with exact products (CPU clustering); False: float32 BLAS, for a
     # clustering whose search runs on GPUs and is not bitwise anyway (5x faster on the CPU).
     exact: bool = True
+    # A torch device ("cuda:0") to fit and apply on (`pca_torch`); None: NumPy on the host.
+    device: str | None = None
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """(x - mean) @ proj in float32, exact row by row (`exact_matmul`): a row gets the same
-        bits whichever array, rank or position it is projected in."""
+        bits whichever array, rank or position it is projected in. On `device`: torch's float32
+        product there."""
+        if self.device is not None:
+            from cluster_pipeline.clustering import pca_torch
+
+            return pca_torch.apply(x, self.mean, self.proj, self.device)
         out = np.empty((len(x), self.proj.shape[1]), dtype=np.float32)
         proj = FixedColumns.of(self.proj) if self.exact else self.proj
         step = block_rows(self.proj.shape[0])
@@ -83,11 +96,14 @@ def fit_pca(
     eps: float = 1e-5,
     seed: int = 0,
     exact: bool = True,
+    device: str | None = None,
 ) -> PCA:
     """Top-`dim` principal directions of `x`, optionally scaled to unit variance (whitening).
 
     Above PCA_FIT_MAX_ROWS rows, a sample of rows chosen by `keep_fraction` is fitted. `exact`
-    (see PCA.exact): an exact covariance, and LAPACK on one thread.
+    (see PCA.exact): an exact covariance, and LAPACK on one thread. `device`: the covariance
+    and its eigendecomposition in float64 with torch there (`pca_torch`), and the PCA applied
+    there. Each component's sign makes its largest entry positive, whatever the solver.
     """
     n, d = x.shape
     if not 0 < dim <= d:
@@ -97,14 +113,28 @@ def fit_pca(
     import scipy.linalg  # here, not at import: a rank that never fits a PCA starts faster
 
     mean = x.mean(axis=0, dtype=np.float64)
-    cov = covariance(x, mean, exact)
-    with threadpool_limits(1 if exact else None, user_api="blas"):  # LAPACK's bits: threads
-        evals, evecs = scipy.linalg.eigh(cov, subset_by_index=[d - dim, d - 1])
+    if device is not None:
+        from cluster_pipeline.clustering import pca_torch
+
+        evals, evecs = pca_torch.covariance_eigh(x, mean, dim, device)
+    else:
+        cov = covariance(x, mean, exact)
+        with threadpool_limits(1 if exact else None, user_api="blas"):  # LAPACK's bits: threads
+            evals, evecs = scipy.linalg.eigh(cov, subset_by_index=[d - dim, d - 1])
     top = np.argsort(evals, kind="stable")[::-1]  # descending variance
-    proj = evecs[:, top]
+    proj = evecs[:, top] * component_signs(evecs[:, top])
     if whiten:
         proj = proj / np.sqrt(np.maximum(evals[top], 0.0) + eps)
-    return PCA(mean=mean.astype(np.float32), proj=proj.astype(np.float32), exact=exact)
+    return PCA(mean=mean.astype(np.float32), proj=proj.astype(np.float32), exact=exact,
+               device=device)  # fmt: skip
+
+
+def component_signs(vectors: np.ndarray) -> np.ndarray:
+    """+1 or -1 per column: the sign that makes the column's largest-magnitude entry (the
+    first such) positive. An eigenvector is only defined up to its sign, which LAPACK and
+    torch choose differently; k-means does not care, but a PCA compared across them does."""
+    at = np.abs(vectors).argmax(axis=0)
+    return np.where(vectors[at, np.arange(vectors.shape[1])] < 0, -1.0, 1.0)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -145,11 +175,15 @@ def fit_pca_on_sample(
     whiten: bool,
     seed: int,
     exact: bool = True,
+    device: str | None = None,
 ) -> PCA:
     """PCA fitted once from about PCA_FIT_MAX_ROWS of the `num_rows` rows, each kept by its
-    sample's key whichever holder has it. Below that many rows every row is kept.
+    sample's key whichever holder has it. Below that many rows every row is kept. `device`:
+    fitted and applied with torch there (this holder's GPU).
 
     Collective when `holders` is: call on every rank.
     """
     keep = keep_fraction(index, PCA_FIT_MAX_ROWS / num_rows, seed, SALT_PCA)
-    return holders.fit_pca(index[keep], feats[keep], dim, whiten, seed, exact)
+    if keep.all():  # no copy of every row (N x d) when all of them are the sample
+        return holders.fit_pca(index, feats, dim, whiten, seed, exact, device)
+    return holders.fit_pca(index[keep], feats[keep], dim, whiten, seed, exact, device)

@@ -32,15 +32,23 @@ class Ranks:
         return np.concatenate(dist.all_gather(self.ctx, np.asarray(values, dtype=np.int64)))
 
     def fit_pca(
-        self, index: np.ndarray, rows: np.ndarray, dim: int, whiten: bool, seed: int, exact: bool
+        self,
+        index: np.ndarray,
+        rows: np.ndarray,
+        dim: int,
+        whiten: bool,
+        seed: int,
+        exact: bool,
+        device: str | None = None,
     ) -> pca.PCA:
-        """The rows sent to rank 0 (sorted by sample index there), fitted, and the PCA
-        broadcast: no rank fits its own."""
+        """The rows sent to rank 0 (sorted by sample index there), fitted (on rank 0's
+        `device`), and the PCA broadcast: no rank fits its own; each applies it on its own."""
         sample = gather_rows(self.ctx, index, rows)
 
         def fit() -> pca.PCA:
             assert sample is not None
-            return pca.fit_pca(sample[1], dim, whiten=whiten, seed=seed, exact=exact)
+            return pca.fit_pca(sample[1], dim, whiten=whiten, seed=seed, exact=exact,
+                               device=device)  # fmt: skip
 
         fitted = dist.on_rank0(self.ctx, fit)
         d = rows.shape[1]
@@ -48,7 +56,7 @@ class Ranks:
         proj = dist.broadcast(
             self.ctx, None if fitted is None else fitted.proj, (d, dim), np.float32
         )
-        return pca.PCA(mean=mean, proj=proj, exact=exact)
+        return pca.PCA(mean=mean, proj=proj, exact=exact, device=device)
 
 
 def gather_rows(

@@ -22,7 +22,6 @@ import numpy as np
 from cluster_pipeline import dist
 from cluster_pipeline.clustering import kmeans
 from cluster_pipeline.clustering.ranks import Ranks
-from cluster_pipeline.clustering.search import GpuSearch, num_gpus
 from cluster_pipeline.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,8 @@ def cluster_shard(
 
     Returns this rank's rows' labels (row j: sample shard.index[j]), and the centroids, loss
     and number of empty clusters before the split, identical on every rank; spread the labels
-    with `features.gather.all_gather_labels`. `c.use_gpu`: search on this rank's own GPU.
+    with `features.gather.all_gather_labels`. `c.use_gpu`: cluster on this rank's own GPU
+    (cluster.backend: faiss's search, or torch's Lloyd's iterations there).
 
     Collective: call on every rank.
     """
@@ -58,7 +58,6 @@ def cluster_shard(
             f"extraction produced {n} rows (per rank {counts}) and skipped {sum(skips)} for "
             f"{shard.num_samples} samples"
         )
-    gpu = None
-    if c.use_gpu and ctx.device.type == "cuda" and num_gpus() > 0:
-        gpu = GpuSearch(ctx.device.index or 0)  # this rank's GPU only
-    return kmeans.cluster(Ranks(ctx), shard.index, shard.feats, c, seed, gpu)
+    gpu = (ctx.device.index or 0) if ctx.device.type == "cuda" else None  # this rank's own
+    engine = kmeans.make_engine(c, gpu, all_gpus=False)
+    return kmeans.cluster(Ranks(ctx), shard.index, shard.feats, c, seed, engine)

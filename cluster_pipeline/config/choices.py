@@ -34,6 +34,21 @@ class ClusterMode(StrEnum):
     sharded = "sharded"
 
 
+class ClusterBackend(StrEnum):
+    """cluster.backend: what runs Lloyd's iterations (README, "Choosing a k-means backend")."""
+
+    faiss = "faiss"
+    torch = "torch"
+
+
+class TorchMatmul(StrEnum):
+    """cluster.torch_matmul: the torch backend's distance products on a GPU."""
+
+    fp32 = "fp32"
+    tf32 = "tf32"
+    bf16 = "bf16"
+
+
 class OnError(StrEnum):
     """data.on_error: what an unreadable sample does to the run."""
 

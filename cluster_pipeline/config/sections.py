@@ -16,9 +16,11 @@ from omegaconf import MISSING
 
 from cluster_pipeline.config.choices import (
     Arch,
+    ClusterBackend,
     ClusterMode,
     OnError,
     Split,
+    TorchMatmul,
     is_choice,
     unknown_choice,
 )
@@ -120,8 +122,16 @@ class ClusterConfig:
     max_points_per_centroid: int = 256
     # Relative perturbation when an empty cluster takes a copy of a non-empty centroid.
     split_eps: float = 1e-4
-    # Use faiss on every GPU of rank 0's node when there are GPUs (sharded: each rank's own GPU).
+    # Cluster on GPUs when there are GPUs: faiss on every GPU of rank 0's node, torch on rank
+    # 0's GPU (sharded: each rank's own GPU, either backend).
     use_gpu: bool = True
+    # faiss: NumPy's certified search on CPU, faiss's on GPUs (faiss-gpu). torch: Lloyd's
+    # iterations with torch on the rank's GPU, needing no faiss; on CPU it gives the faiss
+    # backend's labels bit for bit (README, "Choosing a k-means backend").
+    backend: ClusterBackend = ClusterBackend.faiss
+    # The torch backend's distance products on a GPU: fp32 (certified exact, the default),
+    # tf32 or bf16 (tensor cores, faster, not bitwise).
+    torch_matmul: TorchMatmul = TorchMatmul.fp32
     # gather: rank 0 gathers every feature and clusters them (holds N x d). sharded: features
     # stay on their rank; PCA is fitted on a sample, Lloyd's sums are all-reduced (k x d per
     # iteration). Use sharded when N x d no longer fits rank 0 (docs/scaling.md).
@@ -135,6 +145,14 @@ class ClusterConfig:
             (
                 is_choice(self.mode, ClusterMode),
                 unknown_choice("cluster.mode", self.mode, ClusterMode),
+            ),
+            (
+                is_choice(self.backend, ClusterBackend),
+                unknown_choice("cluster.backend", self.backend, ClusterBackend),
+            ),
+            (
+                is_choice(self.torch_matmul, TorchMatmul),
+                unknown_choice("cluster.torch_matmul", self.torch_matmul, TorchMatmul),
             ),
         ]
         raise_first_failed(checks)

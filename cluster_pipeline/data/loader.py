@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import atexit
 import collections
+import ctypes
+import importlib
 import math
 import multiprocessing
 import multiprocessing.forkserver
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from cluster_pipeline import dist
 from cluster_pipeline.data.reader import SampleReader
 from cluster_pipeline.run.stop import shield_child
 
@@ -140,16 +145,18 @@ def batch_loader(
 
     The DataLoader hands each item to exactly one worker, so within a rank every index in
     `indices` is read exactly once whatever the number of workers. Workers come from a
-    forkserver: forking a rank that runs gloo, tqdm and OpenMP threads can deadlock the child
-    (CPython gh-112275), which would stall every rank until the collective timeout. A batch that
+    forkserver when this process runs more than one thread: forking a rank that runs gloo, tqdm
+    and OpenMP threads can deadlock the child (CPython gh-112275), which would stall every rank
+    until the collective timeout (`worker_start_method`). A batch that
     takes more than `timeout_s` (0: no limit) is an error rather than a silent stall.
     """
     batches = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
     workers: dict = {}
     if num_workers > 0:
-        start_worker_server()
+        context = worker_start_method()
+        prepare_workers(context)
         workers = {
-            "multiprocessing_context": "forkserver",
+            "multiprocessing_context": context,
             "worker_init_fn": _worker_init,
             "prefetch_factor": PREFETCH_BATCHES,
             "timeout": timeout_s,
@@ -165,11 +172,44 @@ def batch_loader(
     return BatchLoader(loader, num_workers)
 
 
+# What every worker needs and would otherwise import on its own, before its first batch:
+# numpy.random (0.15 s: numpy loads it on first use, and torch's worker loop seeds it) and,
+# through the guard, PIL's format plugins (0.2 s).
+WORKER_PRELOAD = ["torch", "numpy.random", __name__]
+
+
+def worker_start_method() -> str:
+    """'fork' in a process that is in no process group and runs no Python thread but its main
+    one (a single process reading shards: no forkserver to start, which imports torch anew,
+    ~1.5 s before the first batch); 'forkserver' otherwise: a rank runs gloo's, tqdm's and the
+    heartbeat's threads, and a fork can inherit a lock one of them held (CPython gh-112275).
+
+    The feeder threads of multiprocessing queues do not count: a finished loader leaves its
+    own behind for a moment, and a worker never touches another loader's queues. The native
+    pools a lone process may run, OpenBLAS's and OpenMP's, reset themselves in a forked child
+    (pthread_atfork), as every fork-started DataLoader relies on."""
+    if "fork" not in multiprocessing.get_all_start_methods() or dist.in_group():
+        return "forkserver"
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    return "forkserver" if any(t.name != "QueueFeederThread" for t in others) else "fork"
+
+
+def prepare_workers(method: str) -> None:
+    """Have what the workers need loaded once where they start from: the forkserver (started
+    if it is not running), or this process before it forks."""
+    if method == "forkserver":
+        start_worker_server()
+        return
+    for name in WORKER_PRELOAD:
+        importlib.import_module(name)
+    Image.preinit()
+
+
 def start_worker_server() -> None:
     """Start the forkserver the DataLoader workers come from, if it is not running. Called at
     set-up, its import of torch (seconds) overlaps the rest of the start-up instead of delaying
     the first batch; the first loader then finds it running."""
-    torch.multiprocessing.set_forkserver_preload(["torch", __name__, FORKSERVER_GUARD])
+    torch.multiprocessing.set_forkserver_preload([*WORKER_PRELOAD, FORKSERVER_GUARD])
     multiprocessing.forkserver.ensure_running()
 
 
@@ -194,6 +234,30 @@ def _worker_init(worker_id: int) -> None:
     """A worker ignores the stop signals of its rank's process group (the rank stops it when
     it stops) and dies with its parent, the forkserver, which dies with the rank."""
     shield_child()
+    keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h): a worker's decode buffers (an ImageNet JPEG is ~0.5 MB
+# of pixels before the resize) come from its heap and go back to it, not to the kernel.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+WORKER_MMAP_THRESHOLD = 64 << 20
+WORKER_TRIM_THRESHOLD = 256 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Have this process's malloc serve allocations below 64 MiB from its heap and keep up to
+    256 MiB freed there. By default glibc maps each allocation over its (adaptive) threshold
+    anew and unmaps it when freed, so every decoded image's buffer is faulted in again: on a
+    VM that costs 12-37% of a worker's decode rate (measured with 2 workers on 500x375 JPEGs,
+    BENCHMARKS.md). False where the C library has no mallopt (not glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD)
+    )
 
 
 def rank_partition(num_samples: int, rank: int, world: int) -> np.ndarray:

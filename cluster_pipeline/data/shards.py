@@ -23,7 +23,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from cluster_pipeline.data.imagefolder import (
     MANIFEST_FILE,
@@ -254,7 +253,10 @@ def _write_manifest(source: Source, names: list[str], per_shard: int, path: Path
 
 
 def iter_webdataset(shard_dir: str | Path) -> Iterator[dict]:
-    """The shards read back by the webdataset library itself (a check that they are standard)."""
+    """The shards read back by the webdataset library itself (a check that they are standard).
+    Imported here: writing and reading shards needs no webdataset."""
+    import webdataset as wds
+
     index = json.loads((Path(shard_dir) / INDEX_FILE).read_text())
     urls = [str(Path(shard_dir) / s["name"]) for s in index["shards"]]
     yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False)

@@ -130,6 +130,11 @@ def abandon(ctx: DistContext) -> None:
         leave_group(barrier=False)
 
 
+def in_group() -> bool:
+    """Whether this process has joined a process group (its backend runs threads of its own)."""
+    return tdist.is_initialized()
+
+
 def leave_group(barrier: bool) -> None:
     """Leave this process's group, if it is in one, pausing QUIESCE_S first (see `shutdown`).
 

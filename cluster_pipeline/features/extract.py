@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config
@@ -24,6 +23,7 @@ from cluster_pipeline.features.gather import Gathered, gather_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.models.weights import load_weights, model_state
+from cluster_pipeline.run.logs import progress
 from cluster_pipeline.run.rundir import prepare_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 
@@ -87,8 +87,7 @@ def for_each_batch(
         skip = cfg.data.on_error == "skip"
         loader = batch_loader(reader, indices, cfg.data.extract_batch_size, cfg.data.num_workers,
                               cfg.dist.timeout_s, skip_errors=skip)  # fmt: skip
-        bar = tqdm(loader, desc=desc, disable=not (ctx.is_main and cfg.run.progress), leave=False)
-        for idx, images, bad, reasons in bar:
+        for idx, images, bad, reasons in progress(loader, desc, ctx.is_main and cfg.run.progress):
             if len(bad):
                 skipped.append(bad.numpy())
                 for reason in reasons:

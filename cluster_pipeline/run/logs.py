@@ -11,9 +11,12 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def setup_logging(run_dir: Path | None, rank: int) -> None:
@@ -54,3 +57,15 @@ def log_to_files(message: str, level: int = logging.INFO) -> None:
 
 def log_error_to_files(message: str) -> None:
     log_to_files(message, logging.ERROR)
+
+
+def progress(items: Iterable[T], desc: str, show: bool) -> Iterable[T]:
+    """`items` behind a tqdm bar when `show` (rank 0 with run.progress), else as they are: a
+    tqdm made even with disable=True starts its monitor thread, and a rank that runs no
+    Python thread but its main one forks its loader workers instead of asking the forkserver
+    (`data.loader.worker_start_method`)."""
+    if not show:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False)

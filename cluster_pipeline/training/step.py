@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from cluster_pipeline import dist
 from cluster_pipeline.config import Config, per_rank_batch_size
@@ -17,6 +16,7 @@ from cluster_pipeline.data.augment import center_crop, random_resized_crop, to_f
 from cluster_pipeline.data.loader import batch_loader
 from cluster_pipeline.data.sampler import rank_draws
 from cluster_pipeline.features.extract import as_layout
+from cluster_pipeline.run.logs import progress
 from cluster_pipeline.training.seeding import Stream, seed_step, stream_seed
 from cluster_pipeline.training.session import Session
 
@@ -69,8 +69,7 @@ def train_one_epoch(
     # Strict reads: a sample skipped at extraction has label -1 and is never drawn.
     loader = batch_loader(s.reader, mine[pos.step * b :], b, cfg.data.num_workers,
                           cfg.dist.timeout_s)  # fmt: skip
-    for idx, images, *_ in tqdm(loader, desc=f"train {pos.epoch}", leave=False,
-                                disable=not (ctx.is_main and cfg.run.progress)):  # fmt: skip
+    for idx, images, *_ in progress(loader, f"train {pos.epoch}", ctx.is_main and cfg.run.progress):
         s.stop.at_step(pos, total)
         s.policy.at_step(pos, total)
         seed_step(gen, cfg.train.seed, pos.epoch, ctx.rank, pos.step)
