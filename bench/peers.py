@@ -65,6 +65,8 @@ from cluster_pipeline.training.step import augment, train_step
 
 SECTION = "## Peers side by side (clustering, reader, training step, extraction)"
 CONFIG = "configs/demo_mnist.yaml"
+# Training steps each side runs in a turn before the other takes over (`train_ranks`).
+TRAIN_CHUNK = 10
 GOALS = {"clustering": 1.0, "reader": 1.0, "train": 0.95, "extract": 0.9}
 
 
@@ -270,31 +272,36 @@ def train_ranks(rank: int, world: int, cfg: Config, steps: int, pairs: int) -> d
     times: dict[str, list[float]] = {"project": [], "peer": []}
     final: dict[str, float] = {}
     # Pair -1 is a warm-up of both sides on 2 batches (first backward, first DDP bucket
-    # set-up): untimed, so that the side going first in pair 0 does not pay it alone.
+    # set-up): untimed, so that the side going first in pair 0 does not pay it alone. Within a
+    # pair the sides take turns every TRAIN_CHUNK steps (each continuing its own model), so a
+    # burst of CPU stolen by the hypervisor falls on both sides alike.
     for p in range(-1, pairs):
         run = batches[:2] if p < 0 else batches
-        for side in order(p):
-            model, optimizer = fresh()
-            if side == "project":
-                ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
+        models = {side: fresh() for side in order(p)}
+        ddp = dist.wrap_ddp(ctx, models["project"][0], cfg.model.sync_bn)
+        bare = DistributedDataParallel(models["peer"][0])
+        spent = {"project": 0.0, "peer": 0.0}
+        total = torch.zeros(2)
+        for s in range(0, len(run), TRAIN_CHUNK):
+            for side in order(p):
+                optimizer = models[side][1]
                 dist.barrier(ctx)
                 start = time.perf_counter()
-                total = torch.zeros(2)
-                for x, y in run:
-                    total += train_step(ddp, optimizer, x, y)
-                final[side] = float(total[0]) / len(run)
-            else:
-                bare = DistributedDataParallel(model)
-                dist.barrier(ctx)
-                start = time.perf_counter()
-                for x, y in run:
-                    optimizer.zero_grad()
-                    loss = F.cross_entropy(bare(x), y)
-                    loss.backward()
-                    optimizer.step()
-                final[side] = loss.item()
-            if p >= 0:
-                times[side].append(time.perf_counter() - start)
+                for x, y in run[s : s + TRAIN_CHUNK]:
+                    if side == "project":
+                        total += train_step(ddp, optimizer, x, y)
+                    else:
+                        optimizer.zero_grad()
+                        loss = F.cross_entropy(bare(x), y)
+                        loss.backward()
+                        optimizer.step()
+                if side == "peer":
+                    final[side] = loss.item()
+                spent[side] += time.perf_counter() - start
+        final["project"] = float(total[0]) / len(run)
+        if p >= 0:
+            for side, seconds in spent.items():
+                times[side].append(seconds)
     dist.barrier(ctx)
     return {"times": times, "final_loss": final, "batch": bs}
 
@@ -515,13 +522,15 @@ def report(results: dict, args: argparse.Namespace, cfg: Config, runtime: float)
             f"weight decay {cfg.optim.weight_decay}), 2 gloo ranks (`run_ranks`, one thread "
             f"each), {args.steps} steps of {t['batch']} images per rank per timing, the same "
             "float batches already augmented (random uint8 images through to_float and the "
-            "config's augmentation, built once before any timing). Every timing starts from a "
-            "fresh model with the same initial state dict and a fresh optimizer (built before "
-            "the clock), after one untimed warm-up of both sides on 2 batches. Project: "
-            "`dist.wrap_ddp` + `train_step`, its (loss, accuracy) summed "
-            "on the device and read once at the end; bare: `DistributedDataParallel(model)`, "
-            "zero_grad, `F.cross_entropy`, backward, step, `loss.item()` at the end. A timing "
-            "ends with the slower rank.",
+            "config's augmentation, built once before any timing). Each pair starts both "
+            "sides from a fresh model with the same initial state dict and a fresh optimizer "
+            "(built before the clock), after one untimed warm-up of both sides on 2 batches; "
+            f"within a pair the sides take turns every {TRAIN_CHUNK} steps, each continuing "
+            "its own model, and a side's time is the sum of its turns (a burst of stolen CPU "
+            "then falls on both alike). Project: `dist.wrap_ddp` + `train_step`, its (loss, "
+            "accuracy) summed on the device and read once at the end; bare: "
+            "`DistributedDataParallel(model)`, zero_grad, `F.cross_entropy`, backward, step, "
+            "`loss.item()` after each turn. A turn ends with the slower rank.",
         ]
     if e:
         out += [
@@ -559,7 +568,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.cluster_size, args.reader_n, args.steps, args.extract_n = (3000, 384, 30), 120, 5, 1000
     else:
         args.cluster_size, args.reader_n, args.steps, args.extract_n = (
-            (100_000, 2048, 1000), 3000, 50, 5000)  # fmt: skip
+            (100_000, 2048, 1000), 3000, 100, 5000)  # fmt: skip
     if args.imagenet:
         args.cluster_size = (1_281_167, 2048, 10_000)
     return args
