@@ -631,6 +631,35 @@ def test_a_process_exits_while_its_loader_workers_are_alive(digits_shards: Path,
     assert "torch.Size([64, 8, 8, 1])" in run.stdout
 
 
+KILL_WITH_A_RAISING_SIGCHLD_HANDLER = """
+import multiprocessing, signal, sys
+import numpy as np
+from cluster_pipeline.data import loader
+from cluster_pipeline.data.reader import SampleReader, ShardIndex
+
+if __name__ == "__main__":
+    reader = SampleReader(ShardIndex.load(sys.argv[1]), load_size=8, channels=1)
+    batches = iter(loader.batch_loader(reader, np.arange(1797), batch_size=64, num_workers=2))
+    next(batches)
+    def torch_like(signum, frame):  # torch's handler raises when a live loader's worker dies
+        raise RuntimeError("DataLoader worker exited unexpectedly")
+    signal.signal(signal.SIGCHLD, torch_like)
+    loader._kill_workers_at_exit()
+    print(sum(c.is_alive() for c in multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_the_exit_hook_kills_forked_workers_whatever_sigchld_does(digits_shards: Path, tmp_path):
+    """Forked workers are the process's own children: their death raises in torch's SIGCHLD
+    handler, which once interrupted the hook with a worker still alive (the exit then hung)."""
+    script = tmp_path / "kill_with_raising_handler.py"
+    script.write_text(KILL_WITH_A_RAISING_SIGCHLD_HANDLER)
+    run = subprocess.run([sys.executable, str(script), str(digits_shards)], capture_output=True,
+                         text=True, timeout=90)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0"], run.stdout + run.stderr
+
+
 def test_feature_sink_writes_buffered_batches_in_place() -> None:
     from cluster_pipeline.features.extract import FeatureSink
 

@@ -14,6 +14,7 @@ import importlib
 import math
 import multiprocessing
 import multiprocessing.forkserver
+import signal
 import threading
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -220,11 +221,18 @@ def _kill_workers_at_exit() -> None:
     daemonic children and joins them. Our workers ignore SIGTERM (`shield_child`: a stop of
     the rank's process group must not kill them mid-batch), so that join would wait forever and
     a rank holding a live loader iterator, or a test process, would never exit. Registered
-    after multiprocessing's exit hook, so it runs first (atexit is last in, first out)."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=5)
+    after multiprocessing's exit hook, so it runs first (atexit is last in, first out).
+
+    Forked workers are this process's own children, and torch's SIGCHLD handler raises when a
+    live loader's worker dies ("DataLoader worker ... exited unexpectedly"): raised in here, it
+    left the other workers alive and the exit hung. The default SIGCHLD action comes first."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
 
 
 atexit.register(_kill_workers_at_exit)
