@@ -37,7 +37,7 @@ from cluster_pipeline.models.nets import ClusterNet, build_model
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.metrics_file import read_metrics
 from cluster_pipeline.testing.multiproc import run_ranks
-from cluster_pipeline.training.session import make_optimizer
+from cluster_pipeline.training.recipe import make_optimizer
 from cluster_pipeline.training.step import augment, train_step
 
 SECTION = "## Epoch breakdown (demo: MNIST-5k, 2 local ranks)"
@@ -88,7 +88,7 @@ def model_only(rank: int, world: int, cfg: Config, run_dir: str, repeats: int) -
     draws = uniform_cluster_sampler(labels, cfg.train.samples_per_epoch or len(labels), seed=0)
     steps = rank_slice(draws, rank, world, bs).reshape(-1, bs)
     ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, bs * world)
     targets = torch.from_numpy(labels)
     gen = torch.Generator().manual_seed(rank)
     model.train()

@@ -60,7 +60,7 @@ from cluster_pipeline.data.sources import Source, mnist5k_source
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.nets import build_model
 from cluster_pipeline.testing.multiproc import run_ranks
-from cluster_pipeline.training.session import make_optimizer
+from cluster_pipeline.training.recipe import make_optimizer
 from cluster_pipeline.training.step import augment, train_step
 
 SECTION = "## Peers side by side (clustering, reader, training step, extraction)"
@@ -267,7 +267,7 @@ def train_ranks(rank: int, world: int, cfg: Config, steps: int, pairs: int) -> d
         model = build_model(cfg.model, cfg.data.channels, cfg.cluster.k)
         model.load_state_dict(initial)
         model.train()
-        return model, make_optimizer(model, cfg)
+        return model, make_optimizer(model, cfg, bs * world)
 
     times: dict[str, list[float]] = {"project": [], "peer": []}
     final: dict[str, float] = {}

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from cluster_pipeline.data.shards import load_source, write_shards
 from cluster_pipeline.data.sources import SourceError
 from cluster_pipeline.exits import EXIT_STOPPED
 from cluster_pipeline.features.extract import run_extract
-from cluster_pipeline.models.weights import config_for_weights
+from cluster_pipeline.models.weights import check_weights_file, config_for_weights
 from cluster_pipeline.run.checkpoint import CheckpointError
 from cluster_pipeline.run.lock import RunDirInUse
 from cluster_pipeline.run.logs import log_error_to_files
@@ -100,9 +100,8 @@ def training(run: Callable[[Config, StopFlag, Requeue | None], Path]) -> RunComm
 def evaluate_config(args: argparse.Namespace) -> Config:
     if args.checkpoint is None and args.config is None:
         raise ConfigError("evaluate needs --checkpoint, or --config to evaluate a random init")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     if args.checkpoint is not None:
+        check_weights_file(args.checkpoint)  # read only later, with --config
         return config_for_weights(args.config, args.checkpoint, args.overrides)
     return load_config(args.config, args.overrides)
 
@@ -233,8 +232,29 @@ def run_configured(args: argparse.Namespace, restore_handlers: bool = True) -> N
             signal.signal(s, handler)
 
 
+def is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
+
+
+class Parser(argparse.ArgumentParser):
+    """A command's key=value overrides go anywhere among its options, before --config too.
+
+    argparse fills the positional `overrides` (nargs="*") from one run of arguments only and
+    calls the others unrecognized: those join `overrides`, in command-line order, which
+    load_config applies over the config file's values (the last one of a key wins)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if isinstance(getattr(parsed, "overrides", None), list):
+            parsed.overrides += [arg for arg in rest if is_override(arg)]
+            rest = [arg for arg in rest if not is_override(arg)]
+        return parsed, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cluster-pipeline", description=__doc__)
+    parser = Parser(prog="cluster-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-shards", help="write webdataset tar shards and their index")

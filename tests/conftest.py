@@ -8,6 +8,7 @@ exactly one of `integration` (slow or slurm) and `unit` (the rest).
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 from pathlib import Path
 
@@ -83,3 +84,25 @@ def dist_env(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.delenv(var, raising=False)
     yield
     os.environ.pop("RANK", None)
+
+
+@pytest.fixture
+def run_cli(dist_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """`cluster-pipeline ARGS` as a world of one in this process: (exit status, stderr).
+
+    No signal handlers are installed in pytest, and the run's log handlers are removed after.
+    """
+    from cluster_pipeline import cli
+
+    monkeypatch.setattr(cli.StopFlag, "install", lambda self, *a: {})
+
+    def run(*args: str) -> tuple[int, str]:
+        status = cli.main(list(args))
+        return status, capsys.readouterr().err
+
+    yield run
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_cluster_pipeline", False):
+            root.removeHandler(h)
+            h.close()

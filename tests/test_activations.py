@@ -15,19 +15,17 @@ from PIL import Image
 from test_e2e import cli
 
 from cluster_pipeline.analysis.activations import (
-    PAD_PX,
-    TILE_PX,
     cluster_layer,
     nearest_to_centroid,
     purity_by_cluster,
     run_activations,
-    tile_grid,
 )
 from cluster_pipeline.cli import main
 from cluster_pipeline.config import ConfigError, load_config, to_yaml
 from cluster_pipeline.data.augment import to_float
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.models.nets import build_model
+from cluster_pipeline.run.images import PAD_PX, TILE_PX, tile_grid
 
 CONFIG = "configs/digits_test.yaml"  # small_cnn width 8 on 8x8 digits
 

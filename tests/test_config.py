@@ -204,6 +204,7 @@ ENUM_FIELDS = {
     "data.on_error": ("fail", "skip"),
     "data.split": ("all", "train", "test"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "optim.schedule": ("constant", "step", "cosine"),
 }
 
 

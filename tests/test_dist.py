@@ -399,7 +399,7 @@ def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def _ddp_worker(rank: int, world: int, shards: Path) -> dict:
-    from cluster_pipeline.training.session import make_optimizer  # imports sklearn: only here
+    from cluster_pipeline.training.recipe import make_optimizer  # imports sklearn: only here
     from cluster_pipeline.training.step import train_step
 
     ctx = dist.init_distributed(DistConfig.timeout_s, DistConfig.heartbeat_timeout_s)
@@ -414,7 +414,7 @@ def _ddp_worker(rank: int, world: int, shards: Path) -> dict:
             _freeze_bn_stats(model)
         ddp = dist.wrap_ddp(ctx, model)
         assert type(ddp).__name__ == "DistributedDataParallel" and ddp.module is model
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg, GLOBAL_BATCH)
         loss, _accuracy = train_step(ddp, optimizer, x[half], y[half])
         out[bn] = {"params": _params(model), "loss": float(loss)}
     return out
@@ -433,7 +433,7 @@ def test_ddp_step_equals_one_process_on_global_batch(
     BatchNorm uses running statistics here: SyncBatchNorm (model.sync_bn) rejects CPU tensors, so
     on gloo the batch statistics cannot be shared. `per_rank` below covers train-mode BatchNorm.
     """
-    from cluster_pipeline.training.session import make_optimizer
+    from cluster_pipeline.training.recipe import make_optimizer
     from cluster_pipeline.training.step import train_step
 
     results = ddp_results
@@ -443,13 +443,13 @@ def test_ddp_step_equals_one_process_on_global_batch(
     initial = _params(model)
     model.train()
     _freeze_bn_stats(model)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, GLOBAL_BATCH)
     train_step(model, optimizer, x, y)
     want = _params(model)
 
     half_only = _seeded_model(cfg)
     _freeze_bn_stats(half_only)
-    train_step(half_only, make_optimizer(half_only, cfg), x[:8], y[:8])
+    train_step(half_only, make_optimizer(half_only, cfg, GLOBAL_BATCH), x[:8], y[:8])
     for rank, result in enumerate(results):
         got = result["frozen"]["params"]
         assert got.keys() == want.keys()
@@ -470,7 +470,7 @@ def test_ddp_step_with_per_rank_batchnorm_averages_rank_gradients(
     The reference is one process minimizing the mean of the two halves' losses, each half
     through BatchNorm with its own batch statistics.
     """
-    from cluster_pipeline.training.session import make_optimizer
+    from cluster_pipeline.training.recipe import make_optimizer
     from cluster_pipeline.training.step import train_step
 
     results = ddp_results
@@ -478,7 +478,7 @@ def test_ddp_step_with_per_rank_batchnorm_averages_rank_gradients(
     x, y = _global_batch(cfg)
     model = _seeded_model(cfg)
     model.train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, GLOBAL_BATCH)
     halves = [F.cross_entropy(model(x[s : s + 8]), y[s : s + 8]) for s in (0, 8)]
     optimizer.zero_grad()
     ((halves[0] + halves[1]) / 2).backward()
@@ -486,7 +486,7 @@ def test_ddp_step_with_per_rank_batchnorm_averages_rank_gradients(
     want = _params(model)
     # Per-half batch statistics matter: the full-batch train-mode step is far from this one.
     whole = _seeded_model(cfg)
-    train_step(whole, make_optimizer(whole, cfg), x, y)
+    train_step(whole, make_optimizer(whole, cfg, GLOBAL_BATCH), x, y)
     assert _max_diff(want, _params(whole)) > 1e-3
     for rank, result in enumerate(results):
         assert result["per_rank"]["loss"] == pytest.approx(float(halves[rank].detach()), abs=1e-6)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -104,26 +103,6 @@ def corrupt_shards(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 # --------------------------------------------------------------- the CLI in this process
-
-
-@pytest.fixture
-def run_cli(dist_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
-    """`cluster-pipeline ARGS` as a world of one in this process: (exit status, stderr).
-
-    No signal handlers are installed in pytest, and the run's log handlers are removed after.
-    """
-    monkeypatch.setattr(cli.StopFlag, "install", lambda self, *a: {})
-
-    def run(*args: str) -> tuple[int, str]:
-        status = cli.main(list(args))
-        return status, capsys.readouterr().err
-
-    yield run
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_cluster_pipeline", False):
-            root.removeHandler(h)
-            h.close()
 
 
 def train_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -24,7 +24,7 @@ from cluster_pipeline.cli import main
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.run.wandb_file import read_wandb_history
+from cluster_pipeline.run.wandb_file import read_wandb_file
 from cluster_pipeline.testing.multiproc import next_rendezvous_port, run_ranks
 from cluster_pipeline.training.clusterfit import (
     LABELS_FILE,
@@ -151,8 +151,8 @@ def test_clusterfit_end_to_end(clusterfit: Path, supervised: Path) -> None:
     assert new["head.weight"].shape[0] == K
     assert not torch.equal(new["block1.0.weight"], pre["block1.0.weight"])
     assert not torch.equal(new["block1.0.weight"], first["model"]["block1.0.weight"])
-    history = read_wandb_history(next((clusterfit / "wandb").glob("offline-run-*/run-*.wandb")))
-    assert [h["epoch"] for h in history] == list(range(EPOCHS))
+    history = read_wandb_file(next((clusterfit / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert [h["epoch"] for h in history.epoch_rows] == list(range(EPOCHS))
 
 
 def cluster_rank(rank: int, world: int, args: list[str], pretrained: str) -> np.ndarray:

@@ -113,3 +113,33 @@ def test_two_nccl_ranks_train_and_extract(digits_shards: Path, tmp_path: Path) -
               f"run.dir={tmp_path / 'x'}", "--out", str(tmp_path / "f"), nproc=2)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert np.array_equal(np.load(tmp_path / "f" / "index.npy"), np.arange(1797))
+
+
+@needs_cuda
+def test_training_step_runs_under_bf16_autocast_on_the_gpu() -> None:
+    from cluster_pipeline.config import Config
+    from cluster_pipeline.training.recipe import make_optimizer
+    from cluster_pipeline.training.step import train_step
+
+    cfg = Config()
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 28, 28).cuda(), torch.randint(0, 10, (32,)).cuda()
+    losses, dtypes = [], []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 1, 10).cuda()
+        model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        out = train_step(model, make_optimizer(model, cfg, 32), x, y, bf16=bf16)
+        losses.append(out[0].item())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+@needs_cuda
+def test_train_one_compiled_epoch_on_the_gpu(digits_shards: Path, tmp_path: Path) -> None:
+    res = cli("train", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              f"run.dir={tmp_path / 'run'}", "train.epochs=1", "train.compile=true",
+              "optim.schedule=cosine", "optim.warmup_epochs=0.5")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training through torch.compile (mode default, backend inductor)" in res.stdout

@@ -26,7 +26,7 @@ from cluster_pipeline.config import load_config
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.metrics_file import read_metrics
 from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.run.wandb_file import read_wandb_history
+from cluster_pipeline.run.wandb_file import read_wandb_file
 from cluster_pipeline.testing.limits import limit
 from cluster_pipeline.testing.multiproc import launcher_env, next_rendezvous_port, run_ranks
 from cluster_pipeline.training.methods import run_deepcluster
@@ -53,10 +53,24 @@ class StopAtPoll(StopFlag):
         return int(signal.SIGTERM) if self.polls >= self.at else 0
 
 
-def overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+# Every run here trains under a full recipe: a rate that changes every step (warmup, then
+# cosine), scaled with the batch, clipped gradients, no decay on BatchNorm and biases. A
+# resume that set the rate or the groups from anything but the position would not be exact.
+RECIPE = [
+    "optim.schedule=cosine",
+    "optim.warmup_epochs=0.5",
+    "optim.scale_lr_with_batch=true",
+    "optim.base_batch_size=64",
+    "optim.clip_grad_norm=5.0",
+    "optim.no_decay_bn_bias=true",
+]
+
+
+def overrides(shards: Path, run_dir: Path, *extra: str, recipe: list[str] = RECIPE) -> list[str]:
+    """The runs' arguments; recipe=[] for runs of the code before the recipe (schema 1)."""
     return [f"data.shards={shards}", f"run.dir={run_dir}", f"train.epochs={EPOCHS}",
             "train.stop_check_every=1", "train.checkpoint_every_steps=4",
-            "train.keep_checkpoints=50", *extra]  # fmt: skip
+            "train.keep_checkpoints=50", *recipe, *extra]  # fmt: skip
 
 
 def train_rank(rank: int, world: int, args: list[str], stop_at: int) -> str:
@@ -327,10 +341,10 @@ def test_a_schema1_checkpoint_resumes_bit_identical(digits_shards: Path, tmp_pat
     this machine's own stopped run, in the layout of the real one in SCHEMA1_RUN (made by that
     code on another CPU, whose kernels round the training steps differently)."""
     reference = tmp_path / "reference"
-    sampler_v1 = overrides(digits_shards, reference, "train.sampler=1")
+    sampler_v1 = overrides(digits_shards, reference, "train.sampler=1", recipe=[])
     assert run_ranks(2, train_rank, sampler_v1, 0) == ["done"] * 2
     run_dir = tmp_path / "run"
-    stopped = overrides(digits_shards, run_dir, "train.sampler=1")
+    stopped = overrides(digits_shards, run_dir, "train.sampler=1", recipe=[])
     assert all(
         r.startswith("stopped:") for r in run_ranks(2, train_rank, stopped, STOPS["mid-epoch"])
     )
@@ -344,7 +358,7 @@ def test_a_schema1_checkpoint_resumes_bit_identical(digits_shards: Path, tmp_pat
     assert layout(old) == layout(real_old)  # the old code's layout, key for key
     assert (old["epoch"], old["step"]) == (real_old["epoch"], real_old["step"]) == (1, 5)
     torch.save(old, latest)
-    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir), 0) == ["done"] * 2
+    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir, recipe=[]), 0) == ["done"] * 2
     assert weights_hash(run_dir) == weights_hash(reference)
     assert metric_values(run_dir) == metric_values(reference)
     assert torch.load(checkpoint.list_checkpoints(run_dir)[-1])["schema_version"] == 2
@@ -356,7 +370,7 @@ def test_the_old_codes_own_schema1_run_resumes_to_the_end(digits_shards: Path, t
     CPU it was made on: the test above checks them on this one.)"""
     run_dir = tmp_path / "run"
     shutil.copytree(SCHEMA1_RUN, run_dir)
-    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir), 0) == ["done"] * 2
+    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir, recipe=[]), 0) == ["done"] * 2
     final = torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)
     assert final["schema_version"] == 2 and final["position"]["sampler"] == 1
     assert [r["epoch"] for r in metric_values(run_dir)] == list(range(EPOCHS))
@@ -385,7 +399,7 @@ def test_stopped_run_continues_the_same_wandb_run(resumed: tuple[Path, list]) ->
     runs = sorted((run_dir / "wandb").glob("*run-*"))
     assert [p.name.split("-")[0] for p in runs] == ["offline", "offline"], runs
     assert {p.name.rsplit("-", 1)[-1] for p in runs} == {stored_id}, runs
-    histories = [read_wandb_history(p / f"run-{stored_id}.wandb") for p in runs]
+    histories = [read_wandb_file(p / f"run-{stored_id}.wandb").epoch_rows for p in runs]
     assert [[h["epoch"] for h in part] for part in histories] == [[0], [1, 2]]
     rows = read_metrics(run_dir)
     logged = [h for part in histories for h in part]

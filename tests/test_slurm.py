@@ -24,7 +24,7 @@ import pytest
 from slurm_cluster import GRACE_S, PREEMPTIBLE, PREEMPTING, SlurmCluster
 
 from cluster_pipeline.run import checkpoint
-from cluster_pipeline.run.wandb_file import read_wandb_history
+from cluster_pipeline.run.wandb_file import read_wandb_file
 from cluster_pipeline.testing.limits import limit
 
 pytestmark = pytest.mark.slurm
@@ -269,7 +269,7 @@ def test_preemption_requeues_and_resumes(
     # The preemption's SIGTERM kills W&B's service with rows in flight: the resumed attempt
     # logs every row W&B did not confirm, so the run's history misses no epoch.
     history = {h["epoch"]: h for f in sorted((run_dir / "wandb").glob("offline-run-*/*.wandb"))
-               for h in read_wandb_history(f)}  # fmt: skip
+               for h in read_wandb_file(f).epoch_rows}  # fmt: skip
     assert sorted(history) == list(range(epochs))
     for row in rows_of(run_dir):
         assert history[row["epoch"]]["train_loss"] == pytest.approx(row["train_loss"])

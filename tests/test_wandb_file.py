@@ -57,7 +57,7 @@ def test_history_rows_from_a_path_or_a_str(tmp_path: Path) -> None:
                 history(rows[2], {("clusters", "sizes"): [3, 4]})]  # fmt: skip
     path = tmp_path / "run-abc123.wandb"
     path.write_bytes(run_file(payloads))
-    want = [*rows[:2], {"epoch": 2, "clusters/sizes": [3, 4]}]
+    want = [*rows[:2], {"epoch": 2, "clusters": {"sizes": [3, 4]}}]
     assert read_wandb_history(path) == want
     assert read_wandb_history(str(path)) == want
 

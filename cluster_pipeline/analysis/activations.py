@@ -19,7 +19,6 @@ import html
 import itertools
 import json
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,15 +35,14 @@ from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.features.gather import Gathered, gather_features
 from cluster_pipeline.models.layers import LayerTaps
-from cluster_pipeline.models.weights import load_weights, model_state
-from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.models.weights import check_weights_file, load_weights, model_state
+from cluster_pipeline.run.images import PAD_PX, tile_grid, tile_size
+from cluster_pipeline.run.rundir import prepare_run_dir, run_dir_removed_on_early_error
 from cluster_pipeline.run.setup import open_data_and_model
 
 log = logging.getLogger(__name__)
 
 SUBDIR = "activations"
-TILE_PX = 64  # images are shown at about this size: small ones magnified, large ones shrunk
-PAD_PX = 2
 # index.png shows at most this many clusters (one line each); index.html shows them all.
 INDEX_PNG_MAX_CLUSTERS = 256
 
@@ -99,28 +97,6 @@ def purity_by_cluster(
     majority = table.argmax(axis=1)
     purity = table.max(axis=1) / np.maximum(sizes, 1)
     return sizes, majority, purity
-
-
-def tile_size(side: int) -> int:
-    """Pixels per tile for side x side images: an integer magnification up to TILE_PX, or
-    TILE_PX for larger images."""
-    return side * max(1, TILE_PX // side) if side <= TILE_PX else TILE_PX
-
-
-def tile_grid(images: np.ndarray, cols: int) -> Image.Image:
-    """(m, S, S, C) uint8 images, row-major in a grid `cols` wide (ceil(m / cols) rows) on white,
-    PAD_PX between tiles; tile j is image j resized to `tile_size(S)`."""
-    m, side, _, channels = images.shape
-    t = tile_size(side)
-    rows = max(1, math.ceil(m / cols))
-    mode = "L" if channels == 1 else "RGB"
-    grid = Image.new(mode, (cols * (t + PAD_PX) + PAD_PX, rows * (t + PAD_PX) + PAD_PX), 255)
-    how = Image.Resampling.NEAREST if t % side == 0 else Image.Resampling.BILINEAR
-    for j in range(m):
-        img = Image.fromarray(images[j, :, :, 0] if channels == 1 else images[j], mode)
-        r, c = divmod(j, cols)
-        grid.paste(img.resize((t, t), how), (PAD_PX + c * (t + PAD_PX), PAD_PX + r * (t + PAD_PX)))
-    return grid
 
 
 def layer_report(
@@ -292,7 +268,12 @@ def run_activations(cfg: Config, weights: str | None) -> list[dict[str, Any]] | 
     """
     if not cfg.activations.layers:
         raise ConfigError("no layer to cluster: pass --layer NAME or --layers a,b,c")
-    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
+    if weights:
+        check_weights_file(weights)  # loaded once the data is open: a wrong path fails first
+    with (
+        run_dir_removed_on_early_error(cfg, sub=SUBDIR),
+        dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx,
+    ):
         run_dir = prepare_run_dir(cfg, ctx, sub=SUBDIR)
         # Each layer's PCA is capped at its width: only k is checked against the data.
         index, reader, model = open_data_and_model(cfg, ctx, clusters=False)

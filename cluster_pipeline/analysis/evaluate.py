@@ -44,8 +44,8 @@ from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.features.gather import Gathered, gather_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet
-from cluster_pipeline.models.weights import load_weights, model_state
-from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.models.weights import check_weights_file, load_weights, model_state
+from cluster_pipeline.run.rundir import prepare_run_dir, run_dir_removed_on_early_error
 from cluster_pipeline.run.setup import open_data_and_model
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,14 @@ def run_evaluate(
 ) -> tuple[Path, dict[str, Any]] | None:
     """Evaluate `weights` (None: the config's architecture, randomly initialised with
     train.seed); rank 0 returns (output folder, the report written to evaluation.json)."""
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"checkpoint {weights} does not exist")
+    if weights is not None:
+        check_weights_file(weights)
     cfg = copy.deepcopy(cfg)
     cfg.run.dir, cfg.name = output_dir(cfg, weights, out)
-    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
+    with (
+        run_dir_removed_on_early_error(cfg),
+        dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx,
+    ):
         return _evaluate(cfg, ctx, weights, layers)
 
 

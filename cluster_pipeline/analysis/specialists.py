@@ -33,7 +33,7 @@ from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import for_each_batch
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.models.weights import load_weights, model_state
-from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.rundir import prepare_run_dir, run_dir_removed_on_early_error
 from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.training.checkpoints import head_of
 
@@ -306,7 +306,10 @@ def run_specialists(
         raise ConfigError(
             f"--groups {groups} must be in 1..{head.shape[0]}, the classes of {weights}'s head"
         )
-    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
+    with (
+        run_dir_removed_on_early_error(cfg),
+        dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx,
+    ):
         run_dir = prepare_run_dir(cfg, ctx)
         index, reader, model = open_data_and_model(cfg, ctx, clusters=False)
         load_weights(model, state, weights)

@@ -49,6 +49,14 @@ class TorchMatmul(StrEnum):
     bf16 = "bf16"
 
 
+class LrSchedule(StrEnum):
+    """optim.schedule: the learning rate over the run, after optim.warmup_epochs."""
+
+    constant = "constant"
+    step = "step"
+    cosine = "cosine"
+
+
 class OnError(StrEnum):
     """data.on_error: what an unreadable sample does to the run."""
 

@@ -43,6 +43,7 @@ class Config:
         self.data.validate()
         self.train.validate()
         self.augment.validate()
+        self.optim.validate()
         self.wandb.validate()
         self.dist.validate()
         self.slurm.validate()

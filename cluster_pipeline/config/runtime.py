@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cluster_pipeline.config.choices import WandbMode, is_choice, unknown_choice
-from cluster_pipeline.config.errors import ConfigError, raise_first_failed
+from cluster_pipeline.config.errors import raise_first_failed
 
 
 @dataclass
@@ -18,10 +18,22 @@ class WandbConfig:
     project: str = "cluster_pipeline"
     entity: str | None = None
     name: str | None = None
+    # Rank 0 logs a row of training metrics (loss, accuracy, learning rate, img/s, data wait,
+    # GPU memory) every this many steps, against train/global_step; 0: epoch rows only.
+    log_every_steps: int = 50
+    # Each DeepCluster epoch: a grid of `grid_clusters` random clusters, `grid_images` random
+    # images of each, as a W&B image; 0: none.
+    grid_clusters: int = 6
+    grid_images: int = 8
 
     def validate(self) -> None:
-        if not is_choice(self.mode, WandbMode):
-            raise ConfigError(unknown_choice("wandb.mode", self.mode, WandbMode))
+        checks = [
+            (is_choice(self.mode, WandbMode), unknown_choice("wandb.mode", self.mode, WandbMode)),
+            (self.log_every_steps >= 0, "wandb.log_every_steps must be >= 0 (0: off)"),
+            (self.grid_clusters >= 0, "wandb.grid_clusters must be >= 0 (0: off)"),
+            (self.grid_images >= 1, "wandb.grid_images must be >= 1"),
+        ]
+        raise_first_failed(checks)
 
 
 @dataclass
@@ -32,7 +44,8 @@ class RunConfig:
     dir: str = ""
     # Continue the run found in `dir` (its last checkpoint); false refuses to touch it.
     resume: bool = True
-    # Show tqdm progress bars on rank 0.
+    # Progress of extraction and training on rank 0: a tqdm bar when stdout is a terminal,
+    # else a log line every 30 s (logs and redirected stdout stay free of bar redraws).
     progress: bool = True
 
 

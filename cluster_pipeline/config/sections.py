@@ -18,6 +18,7 @@ from cluster_pipeline.config.choices import (
     Arch,
     ClusterBackend,
     ClusterMode,
+    LrSchedule,
     OnError,
     Split,
     TorchMatmul,
@@ -172,12 +173,60 @@ class AugmentConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum; any value is the user's choice, so there is nothing to check."""
+    """SGD with momentum and the learning rate over the run.
+
+    The rate at (epoch, step) is a pure function of these fields and the position, set before
+    every step, so a resumed run follows the schedule of the uninterrupted one exactly.
+    """
 
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-5
     head_lr: float = 0.05
+    # The head's momentum; null: optim.momentum. (DeepCluster's code steps its new head with
+    # a separate SGD without momentum.)
+    head_momentum: float | None = None
+    # After the warmup: constant; step (times `gamma` at each epoch of `milestones`); cosine
+    # (from the rate down to final_lr_factor x the rate at the end of train.epochs).
+    schedule: LrSchedule = LrSchedule.constant
+    # Linear warmup from 0 to the rate over this many epochs (fractions allowed; 0: none).
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    final_lr_factor: float = 0.0
+    # Scale lr and head_lr by the global batch / base_batch_size (Goyal et al., 2017), so a
+    # recipe moves between world sizes unchanged.
+    scale_lr_with_batch: bool = False
+    base_batch_size: int = 256
+    # No weight decay on BatchNorm weights and on biases (every parameter with one dimension).
+    no_decay_bn_bias: bool = False
+    # Clip the gradients' global L2 norm to this before each step; 0: no clipping.
+    clip_grad_norm: float = 0.0
+
+    def validate(self) -> None:
+        m = list(self.milestones)
+        checks = [
+            (
+                is_choice(self.schedule, LrSchedule),
+                unknown_choice("optim.schedule", self.schedule, LrSchedule),
+            ),
+            (self.warmup_epochs >= 0, f"optim.warmup_epochs={self.warmup_epochs} must be >= 0"),
+            (
+                all(0 < a < b for a, b in zip([0, *m], m, strict=False)),
+                f"optim.milestones={m} must be increasing epochs >= 1",
+            ),
+            (0 < self.gamma <= 1, f"optim.gamma={self.gamma} must be in (0, 1]"),
+            (
+                0 <= self.final_lr_factor <= 1,
+                f"optim.final_lr_factor={self.final_lr_factor} must be in [0, 1]",
+            ),
+            (self.base_batch_size >= 1, "optim.base_batch_size must be >= 1"),
+            (self.clip_grad_norm >= 0, "optim.clip_grad_norm must be >= 0 (0: off)"),
+        ]
+        raise_first_failed(checks)
+
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
 @dataclass
@@ -205,9 +254,28 @@ class TrainConfig:
     # with): 2, int32 and at most two N-length temporaries; 1, the sampler before 2026-12
     # (int64, six N-length temporaries), only to reproduce a run made with it.
     sampler: int = 2
+    # On CUDA: train under bf16 autocast (the weights, gradients and optimizer stay fp32).
+    # CPU training is always fp32.
+    bf16: bool = True
+    # torch.compile the network for training (off: eager, the default; on, the first steps
+    # compile for a while: ~30 s for the small CNN on 2 CPU cores). compile_mode and
+    # compile_backend are torch.compile's mode and backend (aot_eager: no code generation).
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
 
     def validate(self) -> None:
         checks = [
+            (
+                self.compile_mode in ("default", "reduce-overhead", "max-autotune"),
+                f"train.compile_mode={self.compile_mode!r} is unknown; use one of "
+                "('default', 'reduce-overhead', 'max-autotune')",
+            ),
+            (
+                self.compile_backend in COMPILE_BACKENDS,
+                f"train.compile_backend={self.compile_backend!r} is unknown; use one of "
+                f"{COMPILE_BACKENDS}",
+            ),
             (self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1"),
             (
                 self.global_batch_size >= 0,

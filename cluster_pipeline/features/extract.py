@@ -22,9 +22,9 @@ from cluster_pipeline.data.reader import SampleReader, ShardError
 from cluster_pipeline.features.gather import Gathered, gather_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet
-from cluster_pipeline.models.weights import load_weights, model_state
+from cluster_pipeline.models.weights import check_weights_file, load_weights, model_state
 from cluster_pipeline.run.logs import progress
-from cluster_pipeline.run.rundir import prepare_run_dir
+from cluster_pipeline.run.rundir import prepare_run_dir, run_dir_removed_on_early_error
 from cluster_pipeline.run.setup import open_data_and_model
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,12 @@ def run_extract(
 
     With `layers`, the pooled activations of those named modules instead of the embedding.
     """
-    with dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx:
+    if weights:
+        check_weights_file(weights)  # loaded once the data is open: a wrong path fails first
+    with (
+        run_dir_removed_on_early_error(cfg),
+        dist.process_group(cfg.dist.timeout_s, cfg.dist.heartbeat_timeout_s) as ctx,
+    ):
         return _extract_and_save(cfg, ctx, weights, out, layers, pool)
 
 

@@ -37,20 +37,35 @@ def saved_config_text(weights: str | Path) -> str | None:
     return text if isinstance(text, str) else None
 
 
-def load_torch_file(path: str | Path) -> Any:
-    """`checkpoint.load` (weights only, to the CPU), failing with one line that names the file:
-    a user's --weights may be any file."""
+def check_weights_file(path: str | Path) -> Path:
+    """`path`, if it may be a file torch.save wrote; else one line that names it and says why:
+    a user's --checkpoint may be any path. A look at its first and last bytes, not a load."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    problem = checkpoint.why_not_a_checkpoint(path)
+    if problem is not None:
+        raise ConfigError(f"{path} is not a checkpoint: {problem}")
+    return path
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """`checkpoint.load` (weights only, to the CPU), failing with one line that names the file."""
+    path = check_weights_file(path)
     try:
         return checkpoint.load(path)
-    except Exception as exc:  # torch's messages run over many lines
-        reason = " ".join(str(exc).split())[:200]
-        raise ConfigError(
-            f"{path} is not a readable checkpoint or state_dict (a file written by torch.save): "
-            f"{type(exc).__name__}: {reason}"
-        ) from None
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a checkpoint that loads: {load_failure(exc)}") from None
+
+
+def load_failure(exc: Exception) -> str:
+    """torch.load's reason in one short line: its messages run over many, and the one of a
+    weights-only refusal advises a load that can run code."""
+    _, refused, detail = str(exc).partition("WeightsUnpickler error:")
+    if refused:  # e.g. "Unsupported global: GLOBAL __main__.Foo was not an allowed global"
+        line = next((line.strip() for line in detail.splitlines() if line.strip()), "")
+        return f"it holds more than tensors and containers ({line.split('. ')[0]})"
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
 def model_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -116,6 +116,32 @@ def save_atomic(state: dict[str, Any], path: Path, keep: int = 2) -> None:
         old.unlink(missing_ok=True)
 
 
+# torch.save writes a zip archive (a legacy file: a pickle); a zip archive ends with its end
+# record, within the last 22 bytes plus the longest archive comment.
+ZIP_START, ZIP_END, PICKLE_START = b"PK\x03\x04", b"PK\x05\x06", b"\x80"
+ZIP_END_WITHIN = 22 + 65535
+
+
+def why_not_a_checkpoint(path: Path) -> str | None:
+    """Why the existing `path` cannot be a file that torch.save wrote, from its first and last
+    bytes only: torch.load of a text file fails with a bare IndexError or KeyError. None when
+    it may be one (then only a load tells)."""
+    if path.is_dir():
+        return "it is a directory; give a file such as <run dir>/checkpoints/checkpoint-000002.pt"
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as fh:
+        start = fh.read(len(ZIP_START))
+        fh.seek(max(0, size - ZIP_END_WITHIN))
+        end = fh.read()
+    if start == ZIP_START:
+        return None if ZIP_END in end else "it is truncated (its zip archive has no end record)"
+    if start.startswith(PICKLE_START):
+        return None
+    return "it is no file written by torch.save (neither a zip archive nor a pickle)"
+
+
 def load(path: str | Path) -> Any:
     """Load with weights_only=True: tensors, numbers, strings and containers, never code. The
     one loader of the package: run checkpoints, and any weights file a command is given."""

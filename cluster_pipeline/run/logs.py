@@ -11,7 +11,8 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import TypeVar
 
@@ -59,13 +60,46 @@ def log_error_to_files(message: str) -> None:
     log_to_files(message, logging.ERROR)
 
 
-def progress(items: Iterable[T], desc: str, show: bool) -> Iterable[T]:
-    """`items` behind a tqdm bar when `show` (rank 0 with run.progress), else as they are: a
-    tqdm made even with disable=True starts its monitor thread, and a rank that runs no
-    Python thread but its main one forks its loader workers instead of asking the forkserver
-    (`data.loader.worker_start_method`)."""
+def progress(items: Iterable[T], desc: str, show: bool, *, every_s: float = 30.0) -> Iterable[T]:
+    """`items` as they are unless `show` (rank 0 with run.progress). Then, on a terminal, behind
+    a tqdm bar; else (stdout or stderr redirected: a log file, SLURM's output) with a plain log
+    line every `every_s` seconds and at the end, since a bar's \\r and ANSI codes garble a file.
+
+    No thread is started but tqdm's: a tqdm made even with disable=True starts its monitor
+    thread, and a rank that runs no Python thread but its main one forks its loader workers
+    instead of asking the forkserver (`data.loader.worker_start_method`)."""
     if not show:
         return items
-    from tqdm import tqdm
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(items, desc=desc, leave=False)
+        return tqdm(items, desc=desc, leave=False)
+    return logged_progress(items, desc, every_s)
+
+
+def logged_progress(items: Iterable[T], desc: str, every_s: float) -> Iterator[T]:
+    """`items`, logging "desc: n/total batches (p%), r batch/s, eta s" when `every_s` have passed
+    since the last line (the clock is read per item), and once at the end."""
+    total = len(items) if isinstance(items, Sized) else None
+    start = last = time.monotonic()
+    n = 0
+    for n, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            log.info("%s", progress_line(desc, n, total, now - start, done=False))
+    log.info("%s", progress_line(desc, n, total, time.monotonic() - start, done=True))
+
+
+def progress_line(desc: str, n: int, total: int | None, elapsed: float, done: bool) -> str:
+    rate = n / elapsed if elapsed > 0 else 0.0
+    pct = 100 * n // total if total else 100  # an empty loader is done
+    count = f"{n} batches" if total is None else f"{n}/{total} batches ({pct}%)"
+    if done:
+        when = f"done in {elapsed:.1f} s"
+    elif total is None or rate == 0:
+        when = f"{elapsed:.0f} s so far"
+    else:
+        when = f"eta {(total - n) / rate:.0f} s"
+    return f"{desc}: {count}, {rate:.1f} batch/s, {when}"

@@ -1,7 +1,7 @@
 """A training checkpoint: named stateful parts and a schema version.
 
     {"schema_version": 2, "model": ..., "optimizer": ..., "targets": ..., "position": ...,
-     "tracker": {"wandb_id": ...}, "config": <resolved YAML>}
+     "tracker": {"wandb_id": ...}, "recipe": {...}, "config": <resolved YAML>}
 
 Each part is the `state_dict()` of its owner (the network, the optimizer, the targets strategy,
 `Position`, the W&B run), so adding state to a piece adds it to its part, not to a hand-kept
@@ -20,7 +20,8 @@ import torch
 from cluster_pipeline.run.checkpoint import CheckpointError
 
 SCHEMA_VERSION = 2
-PARTS = ("model", "optimizer", "targets", "position", "tracker")
+# "recipe" (training/recipe.py) came later in schema 2: a checkpoint without it resumes unchecked.
+PARTS = ("model", "optimizer", "targets", "position", "tracker", "recipe")
 
 
 def to_tensor(a: np.ndarray | None) -> torch.Tensor | None:
@@ -61,7 +62,8 @@ def upgrade(ckpt: dict[str, Any], path: Path | str) -> dict[str, Any]:
         "seconds": ckpt["seconds"], "world": ckpt["world"],
     }  # fmt: skip
     parts = {"model": ckpt["model"], "optimizer": ckpt["optimizer"], "targets": targets,
-             "position": position, "tracker": {"wandb_id": ckpt["wandb_id"]}}  # fmt: skip
+             "position": position, "tracker": {"wandb_id": ckpt["wandb_id"]},
+             "recipe": None}  # fmt: skip
     return compose(parts, ckpt["config"])
 
 

@@ -34,12 +34,19 @@ from cluster_pipeline.config import (
     ModelConfig,
     load_config,
     validate_clustering,
+    validate_k,
 )
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.features.extract import extract_features
 from cluster_pipeline.models.layers import LayerTaps
 from cluster_pipeline.models.nets import ClusterNet, build_model
-from cluster_pipeline.models.weights import load_weights, model_state, saved_config_text
+from cluster_pipeline.models.weights import (
+    check_weights_file,
+    load_weights,
+    model_state,
+    saved_config_text,
+)
+from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.setup import model_on_device
 from cluster_pipeline.training.position import PhaseTimer
 from cluster_pipeline.training.pseudo_labels import Extracted, pseudo_labels
@@ -83,10 +90,18 @@ def clusterfit_targets(cfg: Config) -> FixedTargets:
     """The pretrained network's clusters, made once: a head of cluster.k outputs."""
     cfg.clusterfit.validate()  # the CLI's --layer / --pool are set after loading
 
+    def num_clusters(index: ShardIndex) -> int:
+        # Checked before the session starts W&B (cluster.pca_dim: once the features are measured).
+        validate_k(cfg, index.num_samples)
+        new_run = not checkpoint.list_checkpoints(Path(cfg.run.dir))  # a resumed one has labels
+        if new_run and cfg.clusterfit.pretrained:
+            check_weights_file(cfg.clusterfit.pretrained)
+        return cfg.cluster.k
+
     def make(s: Session) -> tuple[np.ndarray, dict[str, Any] | None]:
         return cluster_pretrained(s.cfg, s.ctx, s.index, s.reader, s.run_dir)
 
-    return FixedTargets("clusters", lambda index: cfg.cluster.k, make)
+    return FixedTargets("clusters", num_clusters, make)
 
 
 def cluster_pretrained(

@@ -19,6 +19,7 @@ from cluster_pipeline.run.report import write_report
 from cluster_pipeline.run.rundir import prepare_run_dir, release_run_dir
 from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.stop import StopFlag, Stopped
+from cluster_pipeline.training.media import epoch_media
 from cluster_pipeline.training.seeding import Stream, stream_seed
 from cluster_pipeline.training.session import Session, open_session
 from cluster_pipeline.training.step import EpochTotals, train_one_epoch
@@ -91,7 +92,7 @@ def train_loop(s: Session, targets: Targets) -> None:
             totals = train_one_epoch(s, targets.epoch_labels(), targets.transform)
         if s.ctx.is_main:
             row = training_row(s, totals) | targets.epoch_row(s.index.labels)
-            s.tracker.log_epoch(row)
+            s.tracker.log_epoch(row, media_of(s, targets) if s.tracker.shows_media else None)
             print_epoch_row(row, s.pos.epoch == first, targets.columns)
         assignments = targets.end_epoch()
         s.pos = s.pos.next_epoch()
@@ -112,6 +113,14 @@ def training_row(s: Session, totals: EpochTotals) -> dict[str, Any]:
     return row | {f"time_{name}_s": round(sec, 4) for name, sec in seconds.items()}
 
 
+def media_of(s: Session, targets: Targets) -> dict[str, Any]:
+    """The epoch's W&B media: cluster sizes, and a grid of cluster images for DeepCluster."""
+    w = s.cfg.wandb
+    reader = s.reader if targets.kind == "deepcluster" else None
+    seed = stream_seed(s.cfg.train.seed, Stream.MEDIA, s.pos.epoch)
+    return epoch_media(targets.epoch_labels(), reader, w.grid_clusters, w.grid_images, seed)
+
+
 def print_epoch_row(row: dict[str, Any], header: bool, columns: Columns) -> None:
     """The epoch's row of the table, on stdout and in rank 0's log (what `tail -f` follows)."""
     cells = ["-" if row.get(k) is None else f"{row[k]:.{d}f}" for k, _, d in columns]
@@ -126,6 +135,16 @@ def finish_run(s: Session, targets: Targets) -> None:
     if s.ctx.is_main:
         rows = read_metrics(s.run_dir)
         if rows:
-            report = write_report(s.run_dir, rows, targets.final_labels)
+            k = s.cfg.cluster.k if targets.clusters_features else None
+            report = write_report(
+                s.run_dir,
+                rows,
+                targets.final_labels,
+                run_name=s.run_dir.name,
+                k=k,
+                arch=str(s.cfg.model.arch),
+                epochs=s.cfg.train.epochs,
+            )
             log.info("run directory: %s  report: %s", s.run_dir, report)
+            s.tracker.log_run_end(rows, report)
         s.tracker.finish()

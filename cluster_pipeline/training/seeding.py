@@ -20,6 +20,7 @@ class Stream(Enum):
     EPOCH = "epoch"  # the epoch's k-means and its uniform-over-clusters draws
     AUGMENT = "augment"  # a training step's crops and flips (per rank)
     DROPOUT = "dropout"  # a training step's dropout masks: torch's global RNG (per rank)
+    MEDIA = "media"  # which clusters and images rank 0 shows W&B (touches no training draw)
 
 
 def stream_seed(seed: int, stream: Stream, epoch: int = 0, rank: int = 0, step: int = 0) -> int:
@@ -30,6 +31,8 @@ def stream_seed(seed: int, stream: Stream, epoch: int = 0, rank: int = 0, step: 
         return seed if epoch < 0 else seed * 7919 + epoch
     if stream is Stream.EPOCH:
         return seed * 1_000_003 + epoch
+    if stream is Stream.MEDIA:
+        return int(np.random.SeedSequence([seed, epoch, 0x6D656469]).generate_state(1)[0])
     augment, dropout = _step_seeds(seed, epoch, rank, step)
     return augment if stream is Stream.AUGMENT else dropout
 

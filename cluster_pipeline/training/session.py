@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cluster_pipeline import dist
-from cluster_pipeline.config import Config, ConfigError, to_dict, to_yaml
+from cluster_pipeline.config import Config, ConfigError, per_rank_batch_size, to_dict, to_yaml
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.models.nets import ClusterNet
 from cluster_pipeline.run import checkpoint
@@ -21,6 +21,7 @@ from cluster_pipeline.run.stop import StopFlag
 from cluster_pipeline.run.tracking import Tracker
 from cluster_pipeline.training.checkpoints import upgrade
 from cluster_pipeline.training.position import Position
+from cluster_pipeline.training.recipe import check_recipe, make_optimizer, recipe_of
 from cluster_pipeline.training.saving import Checkpointer, SavePolicy, StopCoordinator
 from cluster_pipeline.training.targets import Targets
 
@@ -47,16 +48,6 @@ class Session:
     stop: StopCoordinator
 
 
-def make_optimizer(model: ClusterNet, cfg: Config) -> torch.optim.Optimizer:
-    head = set(map(id, model.head.parameters()))
-    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
-    o = cfg.optim
-    return torch.optim.SGD(
-        [{"params": body, "lr": o.lr}, {"params": list(model.head.parameters()), "lr": o.head_lr}],
-        lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-    )  # fmt: skip
-
-
 def open_session(
     cfg: Config,
     ctx: dist.DistContext,
@@ -72,13 +63,16 @@ def open_session(
     """
     index, reader, model = data
     ddp = dist.wrap_ddp(ctx, model, cfg.model.sync_bn)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, per_rank_batch_size(cfg, ctx.world) * ctx.world)
     saved = load_latest(run_dir, cfg, ctx)
     pos, wandb_id = Position(world=ctx.world, sampler=cfg.train.sampler), None
     if saved is not None:
         pos, wandb_id = Position.from_state_dict(saved["position"]), saved["tracker"]["wandb_id"]
         model.load_state_dict(saved["model"])
+        base = [g["base_lr"] for g in optimizer.param_groups]
         optimizer.load_state_dict(saved["optimizer"])
+        for g, rate in zip(optimizer.param_groups, base, strict=True):  # older ones lack it
+            g["base_lr"] = rate
         targets.load_state_dict(saved["targets"], run_dir)
         if ctx.is_main:
             truncate_metrics(run_dir, pos.epoch)
@@ -88,6 +82,11 @@ def open_session(
 
     writer = Checkpointer(run_dir, ctx, to_yaml(cfg), cfg.train.keep_checkpoints,
                           pos.key if saved is not None else None)  # fmt: skip
+    if cfg.train.compile:  # the uncompiled `model` is what checkpoints and extraction use
+        t = cfg.train
+        ddp = torch.compile(ddp, mode=t.compile_mode, backend=t.compile_backend)  # type: ignore[assignment]
+        log.info("training through torch.compile (mode %s, backend %s)", t.compile_mode,
+                 t.compile_backend)  # fmt: skip
     session = Session(cfg, ctx, run_dir, index, reader, model, ddp, optimizer, pos, tracker,
                       writer, SavePolicy(cfg.train, writer),
                       StopCoordinator(flag, writer, cfg.train.stop_check_every))  # fmt: skip
@@ -99,7 +98,8 @@ def checkpoint_parts(s: Session, targets: Targets) -> dict[str, Any]:
     """Each part's state dict, as the run stands now."""
     return {"model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(),
             "targets": targets.state_dict(), "position": s.pos.state_dict(),
-            "tracker": {"wandb_id": s.tracker.run_id or ""}}  # fmt: skip
+            "tracker": {"wandb_id": s.tracker.run_id or ""},
+            "recipe": recipe_of(s.cfg, s.ctx.device.type == "cuda")}  # fmt: skip
 
 
 def load_latest(run_dir: Path, cfg: Config, ctx: dist.DistContext) -> dict[str, Any] | None:
@@ -123,4 +123,5 @@ def load_latest(run_dir: Path, cfg: Config, ctx: dist.DistContext) -> dict[str, 
             f"{pos['world']} ranks; resume it with {pos['world']} ranks (this run has "
             f"{ctx.world}): each rank's share of the epoch depends on the world size"
         )
+    check_recipe(saved.get("recipe"), recipe_of(cfg, ctx.device.type == "cuda"), run_dir)
     return saved

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from cluster_pipeline.data.loader import batch_loader
 from cluster_pipeline.data.sampler import rank_draws
 from cluster_pipeline.features.extract import as_layout
 from cluster_pipeline.run.logs import progress
+from cluster_pipeline.training.recipe import clip_gradients, lr_factor, set_lr
 from cluster_pipeline.training.seeding import Stream, seed_step, stream_seed
 from cluster_pipeline.training.session import Session
 
@@ -34,16 +36,24 @@ class EpochTotals(NamedTuple):
 
 
 def train_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clip_grad_norm: float = 0.0,
+    bf16: bool = False,
 ) -> torch.Tensor:
     """One SGD step on a batch; under DDP the gradients are averaged over ranks in backward.
 
+    `bf16`: the forward under CUDA bf16 autocast (weights, gradients and SGD stay fp32).
     Returns (loss, accuracy) on the batch, float32 on the device: no host sync per step.
     """
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    clip_gradients(model, clip_grad_norm)
     optimizer.step()
     accuracy = (logits.detach().argmax(1) == y).to(loss.dtype).mean()
     return torch.stack([loss.detach(), accuracy])
@@ -62,27 +72,71 @@ def train_one_epoch(
     num_draws = cfg.train.samples_per_epoch or s.reader.index.num_samples
     seed = stream_seed(cfg.train.seed, Stream.EPOCH, pos.epoch)
     mine = rank_draws(pos.sampler, labels, num_draws, seed, ctx.rank, ctx.world, b)
+    steps = len(mine) // b  # the same on every rank
     targets = torch.from_numpy(labels)
     gen = torch.Generator()
     total = torch.tensor(pos.rank_sums(ctx.rank), dtype=torch.float32, device=ctx.device)
+    bf16 = cfg.train.bf16 and ctx.device.type == "cuda"
+    meter = StepMeter(s, steps, b * ctx.world)
     s.ddp.train()
     # Strict reads: a sample skipped at extraction has label -1 and is never drawn.
     loader = batch_loader(s.reader, mine[pos.step * b :], b, cfg.data.num_workers,
                           cfg.dist.timeout_s)  # fmt: skip
     for idx, images, *_ in progress(loader, f"train {pos.epoch}", ctx.is_main and cfg.run.progress):
+        meter.batch_arrived()
         s.stop.at_step(pos, total)
         s.policy.at_step(pos, total)
         seed_step(gen, cfg.train.seed, pos.epoch, ctx.rank, pos.step)
+        lr = set_lr(s.optimizer, lr_factor(cfg.optim, cfg.train.epochs, pos.epoch, pos.step, steps))
         x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
         x, y = augment(x, cfg, gen), targets[idx].to(ctx.device).long()
         if transform is not None:
             x, y = transform(x, y)
-        total += train_step(s.ddp, s.optimizer, as_layout(x, cfg, ctx), y)
+        out = train_step(s.ddp, s.optimizer, as_layout(x, cfg, ctx), y,
+                         cfg.optim.clip_grad_norm, bf16)  # fmt: skip
+        total += out
         pos.step += 1
+        meter.step_done(out, lr)
     loss, accuracy = map(float, total)  # sums over this rank's steps; every step's batch is full
     summed = dist.all_reduce(ctx, np.array([loss, pos.step, accuracy], dtype=np.float64))
-    steps = max(1.0, summed[1])
-    return EpochTotals(float(summed[0] / steps), float(summed[2] / steps), int(summed[1]) * b)
+    steps_done = max(1.0, summed[1])
+    return EpochTotals(float(summed[0] / steps_done), float(summed[2] / steps_done),
+                       int(summed[1]) * b)  # fmt: skip
+
+
+class StepMeter:
+    """Rank 0's W&B row every wandb.log_every_steps steps: the step's loss and accuracy on its
+    targets, the rate, img/s over all ranks and the time spent waiting for batches since the
+    last row. Only a logged step syncs with the device."""
+
+    def __init__(self, s: Session, steps: int, global_batch: int) -> None:
+        self.s, self.steps, self.global_batch = s, steps, global_batch
+        self.every = s.cfg.wandb.log_every_steps if s.ctx.is_main else 0
+        self.since = self.last = time.perf_counter()
+        self.wait, self.count = 0.0, 0
+
+    def batch_arrived(self) -> None:
+        now = time.perf_counter()
+        self.wait += now - self.last
+
+    def step_done(self, out: torch.Tensor, lr: float) -> None:
+        self.count += 1
+        pos = self.s.pos
+        if self.every and pos.step % self.every == 0:
+            loss, acc = out.tolist()
+            now = time.perf_counter()
+            row: dict[str, Any] = {
+                "train/global_step": pos.epoch * self.steps + pos.step,
+                "train/epoch": pos.epoch + pos.step / max(self.steps, 1),
+                "train/loss": loss, "train/acc": acc, "train/lr": lr,
+                "train/images_per_s": self.count * self.global_batch / max(now - self.since, 1e-9),
+                "train/data_wait_s": self.wait,
+            }  # fmt: skip
+            if torch.cuda.is_available() and self.s.ctx.device.type == "cuda":
+                row["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.s.ctx.device) / 2**30
+            self.s.tracker.log_step(row)
+            self.since, self.wait, self.count = time.perf_counter(), 0.0, 0
+        self.last = time.perf_counter()
 
 
 def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
