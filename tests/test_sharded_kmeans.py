@@ -39,6 +39,8 @@ PCA_CAP = 400
 # The `cluster` sections of the blobs and of the duplicates (CPU: the bits are promised there).
 BLOBS = ClusterConfig(k=K, pca_dim=PCA_DIM, niter=NITER, use_gpu=False)
 DUP = ClusterConfig(k=DUP_K, pca_dim=0, l2_normalize=False, niter=5, use_gpu=False)
+# Spherical k-means on L2-normalized rows (DeepCluster-v2's), with each backend.
+SPHERICAL = ClusterConfig(k=K, pca_dim=0, spherical=True, niter=NITER, use_gpu=False)
 
 
 def blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +93,13 @@ def _worker(rank: int, world: int) -> dict:
         g = kmeans.cluster_features(gathered.feats, BLOBS, SEED, index=gathered.index)
         out["gather"] = {"labels": gathered.per_sample(g.labels), "centroids": g.centroids,
                          "loss": g.loss, "n_empty": g.n_empty_before_split}  # fmt: skip
+
+    # Spherical, on both backends.
+    for case, backend in (("spherical", "faiss"), ("spherical_torch", "torch")):
+        cfg = dataclasses.replace(SPHERICAL, backend=backend)
+        c = cluster_shard(ctx, Shard(idx, x[idx], skipped, N), cfg, SEED)
+        out[case] = {"labels": all_gather_labels(ctx, idx, c.labels, skipped, N),
+                     "centroids": c.centroids, "n_empty": c.n_empty_before_split}  # fmt: skip
 
     # Duplicates with k close to N: empty clusters that only the coins can fill.
     xd = duplicates()
@@ -178,7 +187,7 @@ def test_sharded_assignments_equal_gather_mode(world2: list[dict]) -> None:
 
 
 def test_every_rank_gets_the_same_labels_and_centroids(world2: list[dict]) -> None:
-    for case in ("blobs", "dup", "split"):
+    for case in ("blobs", "dup", "split", "spherical"):
         a, b = (r[case] for r in world2)
         np.testing.assert_array_equal(a["labels"], b["labels"], err_msg=case)
         np.testing.assert_array_equal(a["centroids"], b["centroids"], err_msg=case)
@@ -192,7 +201,7 @@ def test_one_rank_equals_more_ranks_exactly(
     """Choices keyed by sample index, exact products and integer sums: no bit of the labels,
     centroids, loss or PCA depends on the world size or on where a row sits on its rank."""
     many = {2: world2, 3: world3}[world][0]
-    for case in ("blobs", "dup", "split"):
+    for case in ("blobs", "dup", "split", "spherical", "spherical_torch"):
         one, other = world1[case], many[case]
         np.testing.assert_array_equal(one["labels"], other["labels"], err_msg=case)
         np.testing.assert_array_equal(one["centroids"], other["centroids"], err_msg=case)
@@ -200,6 +209,27 @@ def test_one_rank_equals_more_ranks_exactly(
     assert world1["blobs"]["loss"] == many["blobs"]["loss"]
     np.testing.assert_array_equal(world1["pca"]["proj"], many["pca"]["proj"])
     np.testing.assert_array_equal(world1["pca"]["mean"], many["pca"]["mean"])
+
+
+def test_spherical_kmeans_has_unit_centroids_and_assigns_by_dot_product(
+    world2: list[dict],
+) -> None:
+    """cluster.spherical: unit-length centroids, each point with the centroid of largest dot
+    product; the same bits with the torch backend; not what Euclidean k-means gives."""
+    sph = world2[0]["spherical"]
+    np.testing.assert_array_equal(sph["labels"], world2[0]["spherical_torch"]["labels"])
+    np.testing.assert_array_equal(sph["centroids"], world2[0]["spherical_torch"]["centroids"])
+    np.testing.assert_allclose(np.linalg.norm(sph["centroids"], axis=1), 1.0, atol=1e-6)
+    x, _ = blobs()
+    kept = sph["labels"] >= 0
+    unit = x[kept] / np.linalg.norm(x[kept], axis=1, keepdims=True)
+    dots = unit @ sph["centroids"].T
+    best = dots.max(axis=1)
+    mine = dots[np.arange(len(unit)), sph["labels"][kept]]
+    assert (mine >= best - 1e-6).all()  # no point has a centroid of clearly larger dot
+    assert sph["n_empty"] == 0 and len(np.unique(sph["labels"][kept])) == K
+    plain = kmeans.cluster_features(x, dataclasses.replace(SPHERICAL, spherical=False), SEED)
+    assert not np.allclose(np.linalg.norm(plain.centroids, axis=1), 1.0, atol=1e-3)
 
 
 def test_split_leaves_no_empty_cluster_with_duplicates(world2: list[dict]) -> None:

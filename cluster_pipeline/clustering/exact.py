@@ -137,13 +137,27 @@ def fixed_point_sums(
 
 
 def centroids_from_sums(
-    sums: np.ndarray, counts: np.ndarray, scale: float, previous: np.ndarray
+    sums: np.ndarray,
+    counts: np.ndarray,
+    scale: float,
+    previous: np.ndarray,
+    spherical: bool = False,
 ) -> np.ndarray:
-    """Means of the clusters from their global sums; an empty cluster keeps its centroid."""
+    """Means of the clusters from their global sums; an empty cluster keeps its centroid.
+    `spherical`: the means scaled to unit length (spherical k-means: on unit points, the
+    nearest unit centroid is the one of largest dot product)."""
     out = previous.astype(np.float32, copy=True)
     full = counts > 0
-    out[full] = (sums[full].astype(np.float64) / scale / counts[full, None]).astype(np.float32)
+    means = sums[full].astype(np.float64) / scale / counts[full, None]
+    out[full] = (unit_rows(means) if spherical else means).astype(np.float32)
     return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 length in float64 (a zero row stays zero), row by row alike."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.sqrt(np.square(x).sum(axis=1, keepdims=True))
+    return x / np.where(norms > 0, norms, 1.0)
 
 
 # -------------------------------------------------------------------------- squared distances

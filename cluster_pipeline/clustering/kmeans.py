@@ -42,6 +42,7 @@ from cluster_pipeline.clustering.exact import (
     fixed_point_sums,
     squared_distances,
     to_fixed_point,
+    unit_rows,
 )
 from cluster_pipeline.clustering.holders import LOCAL, Holders
 from cluster_pipeline.clustering.keys import SALT_TRAIN, initial_indices, keep_fraction, rows_of
@@ -93,6 +94,8 @@ class FaissEngine:
     gpu: GpuSearch | None = None
     # The torch device of the PCA when the search runs on GPUs (this holder's first one).
     gpu_device: str | None = None
+    # cluster.spherical: unit-length centroids after every update.
+    spherical: bool = False
 
     @property
     def exact_pca(self) -> bool:
@@ -114,7 +117,7 @@ class FaissEngine:
         scale: float,
         rng: np.random.Generator,
     ) -> np.ndarray:
-        return lloyd(holders, x, centroids, niter, scale, rng, self.gpu)
+        return lloyd(holders, x, centroids, niter, scale, rng, self.gpu, self.spherical)
 
 
 def make_engine(c: ClusterConfig, gpu_index: int | None, all_gpus: bool) -> Engine:
@@ -125,14 +128,14 @@ def make_engine(c: ClusterConfig, gpu_index: int | None, all_gpus: bool) -> Engi
         from cluster_pipeline.clustering.torch_kmeans import TorchEngine
 
         device = "cpu" if gpu_index is None or not c.use_gpu else f"cuda:{gpu_index}"
-        return TorchEngine(device, str(c.torch_matmul))
+        return TorchEngine(device, str(c.torch_matmul), c.spherical)
     if gpu_index is not None and c.use_gpu and num_gpus() == 0:
         log.warning("cluster.backend=faiss: this GPU node has no faiss-gpu, so k-means runs on "
                     "the CPU; install '.[gpu]' or set cluster.backend=torch")  # fmt: skip
     if gpu_index is None or not c.use_gpu or num_gpus() == 0:
-        return FaissEngine()
+        return FaissEngine(spherical=c.spherical)
     gpu = GpuSearch() if all_gpus else GpuSearch(gpu_index)
-    return FaissEngine(gpu, f"cuda:{gpu_index}")
+    return FaissEngine(gpu, f"cuda:{gpu_index}", c.spherical)
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,8 @@ def cluster(
     )
     if n_empty:
         log.info("split %d empty clusters", n_empty)
+    if c.spherical:  # the split's new centroids are means: back to unit length
+        centroids = unit_rows(centroids).astype(np.float32)
     loss = mean_loss(holders, x, centroids, labels, max_abs, n)
     return Clustering(labels, centroids, loss, n_empty, pca)
 
@@ -247,8 +252,10 @@ def lloyd(
     scale: float,
     rng: np.random.Generator,
     gpu: GpuSearch | None = None,
+    spherical: bool = False,
 ) -> np.ndarray:
-    """`niter` Lloyd iterations: assign, sum per cluster, move the centroids.
+    """`niter` Lloyd iterations: assign, sum per cluster, move the centroids (`spherical`:
+    to the unit-length direction of the cluster's mean).
 
     The fixed-point sums of the first iteration are updated by the rows that changed cluster
     afterwards (integers: the same bits as summing again). One sum over holders of k x (d + 1)
@@ -276,7 +283,7 @@ def lloyd(
                 counts += n_into - n_out
         labels = new
         total = holders.sum(np.concatenate([sums, counts[:, None]], axis=1))
-        centroids = centroids_from_sums(total[:, :-1], total[:, -1], scale, centroids)
+        centroids = centroids_from_sums(total[:, :-1], total[:, -1], scale, centroids, spherical)
         if it < niter - 1:
             centroids, _, _ = split_empty_centroids(centroids, total[:, -1], rng)
     return centroids

@@ -44,11 +44,14 @@ MATMULS = ("fp32", "tf32", "bf16")
 class TorchEngine:
     """Lloyd's iterations and assignments on `device` with `matmul` precision (fp32 exact)."""
 
-    def __init__(self, device: torch.device | str, matmul: str = "fp32") -> None:
+    def __init__(
+        self, device: torch.device | str, matmul: str = "fp32", spherical: bool = False
+    ) -> None:
         if matmul not in MATMULS:
             raise ValueError(f"cluster.torch_matmul={matmul!r}: expected one of {MATMULS}")
         self.device = torch.device(device)
         self.matmul = matmul
+        self.spherical = spherical  # cluster.spherical: unit-length centroids
         on_gpu = self.device.type == "cuda"
         self.score_bytes = GPU_SCORE_BYTES if on_gpu else CPU_SCORE_BYTES
         self.exact_rows = 0  # rows the certificate left to the exact search, so far
@@ -93,7 +96,9 @@ class TorchEngine:
             labels = self.nearest(points, centroids)
             sums = fixed_point_sums(points.x, labels, k, scale)
             total = holders.sum(sums.cpu().numpy())
-            centroids = centroids_from_sums(total[:, :-1], total[:, -1], scale, centroids)
+            centroids = centroids_from_sums(
+                total[:, :-1], total[:, -1], scale, centroids, self.spherical
+            )
             if it < niter - 1:
                 centroids, _, _ = split_empty_centroids(centroids, total[:, -1], rng)
         return centroids

@@ -49,6 +49,20 @@ class TorchMatmul(StrEnum):
     bf16 = "bf16"
 
 
+class Method(StrEnum):
+    """train.method: what `cluster-pipeline train` runs."""
+
+    deepcluster = "deepcluster"
+    deepcluster_v2 = "deepcluster_v2"
+
+
+class Optimizer(StrEnum):
+    """optim.optimizer: SGD with momentum, or LARS (SGD with a per-layer trust ratio)."""
+
+    sgd = "sgd"
+    lars = "lars"
+
+
 class LrSchedule(StrEnum):
     """optim.schedule: the learning rate over the run, after optim.warmup_epochs."""
 

@@ -10,6 +10,7 @@ from cluster_pipeline.config.sections import (
     AugmentConfig,
     ClusterConfig,
     DataConfig,
+    DeepClusterV2Config,
     ModelConfig,
     OptimConfig,
     TrainConfig,
@@ -24,6 +25,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dcv2: DeepClusterV2Config = field(default_factory=DeepClusterV2Config)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -44,6 +46,7 @@ class Config:
         self.train.validate()
         self.augment.validate()
         self.optim.validate()
+        self.dcv2.validate()
         self.wandb.validate()
         self.dist.validate()
         self.slurm.validate()

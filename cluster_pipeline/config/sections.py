@@ -19,7 +19,9 @@ from cluster_pipeline.config.choices import (
     ClusterBackend,
     ClusterMode,
     LrSchedule,
+    Method,
     OnError,
+    Optimizer,
     Split,
     TorchMatmul,
     is_choice,
@@ -117,6 +119,9 @@ class ClusterConfig:
     pca_dim: int = 256
     whiten: bool = True
     l2_normalize: bool = True
+    # Spherical k-means: centroids scaled to unit length after every update, so a unit point's
+    # nearest centroid is the one of largest dot product (DeepCluster-v2's k-means).
+    spherical: bool = False
     # Lloyd iterations of faiss k-means.
     niter: int = 20
     # faiss subsamples the training set to k * this many points; assignment covers all points.
@@ -179,6 +184,10 @@ class OptimConfig:
     every step, so a resumed run follows the schedule of the uninterrupted one exactly.
     """
 
+    # sgd, or lars: SGD whose step of each parameter is scaled by its trust ratio
+    # lars_eta * ||w|| / (||grad|| + weight_decay * ||w||) (You et al., 2017; swav's LARC).
+    optimizer: Optimizer = Optimizer.sgd
+    lars_eta: float = 0.001
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-5
@@ -206,6 +215,11 @@ class OptimConfig:
     def validate(self) -> None:
         m = list(self.milestones)
         checks = [
+            (
+                is_choice(self.optimizer, Optimizer),
+                unknown_choice("optim.optimizer", self.optimizer, Optimizer),
+            ),
+            (self.lars_eta > 0, f"optim.lars_eta={self.lars_eta} must be > 0"),
             (
                 is_choice(self.schedule, LrSchedule),
                 unknown_choice("optim.schedule", self.schedule, LrSchedule),
@@ -254,6 +268,9 @@ class TrainConfig:
     # with): 2, int32 and at most two N-length temporaries; 1, the sampler before 2026-12
     # (int64, six N-length temporaries), only to reproduce a run made with it.
     sampler: int = 2
+    # What `train` runs: deepcluster (DeepCluster, Caron et al. 2018), or deepcluster_v2
+    # (multi-crop, k-means centroids as prototypes, a memory bank: the dcv2 section).
+    method: Method = Method.deepcluster
     # On CUDA: train under bf16 autocast (the weights, gradients and optimizer stay fp32).
     # CPU training is always fp32.
     bf16: bool = True
@@ -276,6 +293,7 @@ class TrainConfig:
                 f"train.compile_backend={self.compile_backend!r} is unknown; use one of "
                 f"{COMPILE_BACKENDS}",
             ),
+            (is_choice(self.method, Method), unknown_choice("train.method", self.method, Method)),
             (self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1"),
             (
                 self.global_batch_size >= 0,
@@ -288,6 +306,48 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
             (self.stop_check_every >= 1, "train.stop_check_every must be >= 1"),
             (self.sampler in (1, 2), f"train.sampler={self.sampler} must be 1 or 2 (2: today's)"),
+        ]
+        raise_first_failed(checks)
+
+
+@dataclass
+class DeepClusterV2Config:
+    """DeepCluster-v2 (Caron et al., "Unsupervised Learning of Visual Features by Contrasting
+    Cluster Assignments", 2020; swav's main_deepclusterv2.py): train.method=deepcluster_v2."""
+
+    # k of each of the H independent k-means on the memory bank (swav: 3000 3000 3000).
+    prototypes: list[int] = field(default_factory=lambda: [100, 100, 100])
+    # Lloyd iterations of each (swav: 10), spherical, DeepCluster's empty-cluster split.
+    kmeans_iters: int = 10
+    # logits = z . C^T / temperature (swav: 0.1).
+    temperature: float = 0.1
+    # The projection head: Linear(feature_dim, hidden), BatchNorm, ReLU, Linear(hidden, dim).
+    proj_hidden: int = 512
+    proj_dim: int = 128
+    # Multi-crop on the device: 2 large crops of data.image_size with area in
+    # [large_min_scale, 1] (their embeddings fill the bank), and small_crops small crops of
+    # small_size with area in [small_min_scale, small_max_scale] (swav: 2 x 224 in
+    # [0.14, 1], 6 x 96 in [0.05, 0.14]).
+    large_min_scale: float = 0.14
+    small_crops: int = 6
+    small_size: int = 96
+    small_min_scale: float = 0.05
+    small_max_scale: float = 0.14
+
+    def validate(self) -> None:
+        p = list(self.prototypes)
+        checks = [
+            (len(p) >= 1 and min(p) >= 2, f"dcv2.prototypes={p}: one k >= 2 per clustering"),
+            (self.kmeans_iters >= 1, "dcv2.kmeans_iters must be >= 1"),
+            (self.temperature > 0, f"dcv2.temperature={self.temperature} must be > 0"),
+            (self.proj_hidden >= 1 and self.proj_dim >= 1, "dcv2.proj_hidden, proj_dim >= 1"),
+            (0 < self.large_min_scale <= 1, "dcv2.large_min_scale must be in (0, 1]"),
+            (self.small_crops >= 0, "dcv2.small_crops must be >= 0"),
+            (self.small_size >= 1, "dcv2.small_size must be >= 1"),
+            (
+                0 < self.small_min_scale <= self.small_max_scale <= 1,
+                "dcv2: need 0 < small_min_scale <= small_max_scale <= 1",
+            ),
         ]
         raise_first_failed(checks)
 

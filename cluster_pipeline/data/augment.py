@@ -29,8 +29,10 @@ def random_resized_crop(
     flip: bool,
     generator: torch.Generator | None = None,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    max_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Per-sample random crop (area in [min_scale, 1], aspect in `ratio`), resize and h-flip.
+    """Per-sample random crop (area in [min_scale, max_scale], aspect in `ratio`), resize and
+    h-flip.
 
     Each sample's crop is an affine map of the sampling grid, so the whole batch is one
     `affine_grid` + `grid_sample` call.
@@ -41,7 +43,7 @@ def random_resized_crop(
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return torch.rand(b, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
 
-    area = uniform(min_scale, 1.0)
+    area = uniform(min_scale, max_scale)
     log_r = uniform(math.log(ratio[0]), math.log(ratio[1]))
     r = torch.exp(log_r)
     sw = torch.sqrt(area * r).clamp(max=1.0)

@@ -65,11 +65,32 @@ class ClusterNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed(self.body(self.input_layer(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """The head's outputs; for a list of batches (multi-crop views of other sizes), one
+        pass through the body per batch, their embeddings concatenated in order, then the
+        head on all of them: one forward for DDP (swav's multi-resolution forward)."""
+        if isinstance(x, list):
+            return self.head(self.head_act(torch.cat([self.features(v) for v in x])))
         return self.head(self.head_act(self.features(x)))
 
     def set_head(self, num_classes: int) -> None:
         self.head = nn.Linear(self.feature_dim, num_classes)
+
+
+class ProjectionHead(nn.Module):
+    """DeepCluster-v2's (and swav's) projection: Linear, BatchNorm, ReLU, Linear; the caller
+    L2-normalizes its output before the dot products with the prototypes."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(True),
+            nn.Linear(hidden, out_dim),
+        )  # fmt: skip
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
 
 
 class SmallCNN(ClusterNet):

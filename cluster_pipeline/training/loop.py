@@ -23,7 +23,7 @@ from cluster_pipeline.training.media import epoch_media
 from cluster_pipeline.training.seeding import Stream, stream_seed
 from cluster_pipeline.training.session import Session, open_session
 from cluster_pipeline.training.step import EpochTotals, train_one_epoch
-from cluster_pipeline.training.targets import Columns, Targets, fresh_head
+from cluster_pipeline.training.targets import Columns, Targets
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,7 @@ def train(cfg: Config, ctx: dist.DistContext, targets: Targets, flag: StopFlag) 
     run_dir = prepare_run_dir(cfg, ctx, lock=True)  # one run writes it at a time
     try:
         index, reader, model = open_data_and_model(cfg, ctx, clusters=targets.clusters_features)
-        outputs = targets.outputs(index)
-        if outputs is not None:
-            fresh_head(model, outputs, stream_seed(cfg.train.seed, Stream.HEAD, epoch=-1))
+        targets.make_head(model, index, stream_seed(cfg.train.seed, Stream.HEAD, epoch=-1))
         s = open_session(cfg, ctx, run_dir, (index, reader, model), targets, flag)
         try:
             train_loop(s, targets)
@@ -89,7 +87,7 @@ def train_loop(s: Session, targets: Targets) -> None:
             targets.for_epoch(s)
             s.pos.start()
         with t("train"):
-            totals = train_one_epoch(s, targets.epoch_labels(), targets.transform)
+            totals = train_one_epoch(s, targets)
         if s.ctx.is_main:
             row = training_row(s, totals) | targets.epoch_row(s.index.labels)
             s.tracker.log_epoch(row, media_of(s, targets) if s.tracker.shows_media else None)
@@ -116,7 +114,7 @@ def training_row(s: Session, totals: EpochTotals) -> dict[str, Any]:
 def media_of(s: Session, targets: Targets) -> dict[str, Any]:
     """The epoch's W&B media: cluster sizes, and a grid of cluster images for DeepCluster."""
     w = s.cfg.wandb
-    reader = s.reader if targets.kind == "deepcluster" else None
+    reader = s.reader if targets.kind in ("deepcluster", "deepcluster_v2") else None
     seed = stream_seed(s.cfg.train.seed, Stream.MEDIA, s.pos.epoch)
     return epoch_media(targets.epoch_labels(), reader, w.grid_clusters, w.grid_images, seed)
 
@@ -135,7 +133,7 @@ def finish_run(s: Session, targets: Targets) -> None:
     if s.ctx.is_main:
         rows = read_metrics(s.run_dir)
         if rows:
-            k = s.cfg.cluster.k if targets.clusters_features else None
+            k = targets.report_k(s.cfg)
             report = write_report(
                 s.run_dir,
                 rows,

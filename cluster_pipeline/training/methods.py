@@ -11,6 +11,7 @@ from cluster_pipeline.data.reader import ShardIndex
 from cluster_pipeline.run.rundir import run_dir_removed_on_early_error
 from cluster_pipeline.run.stop import StopFlag
 from cluster_pipeline.training.clusterfit import clusterfit_targets
+from cluster_pipeline.training.deepcluster_v2 import DeepClusterV2Targets
 from cluster_pipeline.training.loop import run_training
 from cluster_pipeline.training.rotnet import rotnet_targets
 from cluster_pipeline.training.targets import (
@@ -35,7 +36,10 @@ def train_on(cfg: Config, targets: Targets, flag: StopFlag | None, requeue: Requ
 def run_deepcluster(
     cfg: Config, flag: StopFlag | None = None, requeue: Requeue | None = None
 ) -> Path:
-    """`cluster-pipeline train`: DeepCluster. Collective: call on every rank."""
+    """`cluster-pipeline train`: DeepCluster, or DeepCluster-v2 (train.method). Collective:
+    call on every rank."""
+    if cfg.train.method == "deepcluster_v2":
+        return train_on(cfg, DeepClusterV2Targets(cfg), flag, requeue)
     return train_on(cfg, DeepClusterTargets(), flag, requeue)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cluster_pipeline.config import Config, ConfigError, LrSchedule, OptimConfig
+from cluster_pipeline.config import Config, ConfigError, LrSchedule, OptimConfig, Optimizer
 from cluster_pipeline.models.nets import ClusterNet
 
 
@@ -38,7 +38,40 @@ def make_optimizer(model: ClusterNet, cfg: Config, global_batch: int) -> torch.o
             groups.append({"params": params, "lr": rate, "momentum": momentum})
     for g in groups:
         g["base_lr"] = g["lr"]
+    if o.optimizer == Optimizer.lars:
+        return LARS(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                    eta=o.lars_eta)  # fmt: skip
     return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+class LARS(torch.optim.SGD):
+    """SGD whose update of each parameter is its gradient plus weight decay, scaled by the
+    trust ratio eta * ||w|| / (||grad|| + weight_decay * ||w||) (You et al., 2017; apex's LARC
+    with clip=False, the optimizer swav's DeepCluster-v2 uses), then SGD's momentum step.
+    Its state is SGD's: a checkpoint resumes it alike."""
+
+    def __init__(self, params: Any, lr: float, momentum: float, weight_decay: float,
+                 eta: float) -> None:  # fmt: skip
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.eta = eta
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        decays = [g["weight_decay"] for g in self.param_groups]
+        for g, wd in zip(self.param_groups, decays, strict=True):
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                w, d = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                ok = (w > 0) & (d > 0)
+                trust = torch.where(ok, self.eta * w / (d + wd * w).clamp_min(1e-30), 1.0)
+                p.grad.add_(p, alpha=wd).mul_(trust)
+            g["weight_decay"] = 0.0  # applied above, inside the trust ratio
+        try:
+            return super().step(closure)
+        finally:
+            for g, wd in zip(self.param_groups, decays, strict=True):
+                g["weight_decay"] = wd
 
 
 def base_lrs(o: OptimConfig, global_batch: int) -> tuple[float, float]:
@@ -77,13 +110,15 @@ def clip_gradients(model: nn.Module, max_norm: float) -> None:
 
 # The fields a resumed run must share with its checkpoint to take the same steps.
 RECIPE_FIELDS = (
-    "optim.lr", "optim.momentum", "optim.weight_decay", "optim.head_lr", "optim.head_momentum",
+    "optim.optimizer", "optim.lars_eta", "optim.lr", "optim.momentum", "optim.weight_decay",
+    "optim.head_lr", "optim.head_momentum",
     "optim.schedule", "optim.warmup_epochs", "optim.milestones", "optim.gamma",
     "optim.final_lr_factor", "optim.scale_lr_with_batch", "optim.base_batch_size",
     "optim.no_decay_bn_bias", "optim.clip_grad_norm", "train.bf16",
 )  # fmt: skip
 # What the code before the recipe part did (a checkpoint without one): none of the options.
 LEGACY_RECIPE: dict[str, Any] = {
+    "optim.optimizer": "sgd",
     "optim.head_momentum": None, "optim.schedule": "constant", "optim.warmup_epochs": 0.0,
     "optim.milestones": [], "optim.no_decay_bn_bias": False, "optim.clip_grad_norm": 0.0,
     "optim.scale_lr_with_batch": False, "train.bf16": False,

@@ -43,6 +43,8 @@ class Checkpointer:
     ) -> None:
         self.run_dir, self.ctx, self.config_yaml = run_dir, ctx, config_yaml
         self.keep, self.last = keep, resumed_at
+        # Collective, before each write: brings to rank 0 what `parts` needs from other ranks.
+        self.collect: Callable[[], None] = lambda: None
 
     def save(self, pos: Position, running: torch.Tensor | None = None) -> Path:
         """Write the run at `pos`, on rank 0; a failed write raises on every rank. `running` is
@@ -62,6 +64,7 @@ class Checkpointer:
                 for v in (loss, acc)
             )
         pos.world = self.ctx.world
+        self.collect()
         dist.on_rank0(self.ctx, self._write, path)
         self.last = pos.key
         return path

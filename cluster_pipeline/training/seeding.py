@@ -21,6 +21,7 @@ class Stream(Enum):
     AUGMENT = "augment"  # a training step's crops and flips (per rank)
     DROPOUT = "dropout"  # a training step's dropout masks: torch's global RNG (per rank)
     MEDIA = "media"  # which clusters and images rank 0 shows W&B (touches no training draw)
+    BANK_FILL = "bank_fill"  # DeepCluster-v2's crops for the bank's first fill (per rank)
 
 
 def stream_seed(seed: int, stream: Stream, epoch: int = 0, rank: int = 0, step: int = 0) -> int:
@@ -33,6 +34,9 @@ def stream_seed(seed: int, stream: Stream, epoch: int = 0, rank: int = 0, step: 
         return seed * 1_000_003 + epoch
     if stream is Stream.MEDIA:
         return int(np.random.SeedSequence([seed, epoch, 0x6D656469]).generate_state(1)[0])
+    if stream is Stream.BANK_FILL:  # five words: never a step's four
+        entropy = [seed, rank, step, 0, 0x62616E6B]
+        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) >> 1
     augment, dropout = _step_seeds(seed, epoch, rank, step)
     return augment if stream is Stream.AUGMENT else dropout
 

@@ -6,7 +6,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,7 +23,9 @@ from cluster_pipeline.training.checkpoints import upgrade
 from cluster_pipeline.training.position import Position
 from cluster_pipeline.training.recipe import check_recipe, make_optimizer, recipe_of
 from cluster_pipeline.training.saving import Checkpointer, SavePolicy, StopCoordinator
-from cluster_pipeline.training.targets import Targets
+
+if TYPE_CHECKING:
+    from cluster_pipeline.training.targets import Targets
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ def open_session(
                       writer, SavePolicy(cfg.train, writer),
                       StopCoordinator(flag, writer, cfg.train.stop_check_every))  # fmt: skip
     writer.parts = functools.partial(checkpoint_parts, session, targets)
+    writer.collect = functools.partial(targets.collect, ctx)
     return session
 
 

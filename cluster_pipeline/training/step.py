@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from cluster_pipeline.run.logs import progress
 from cluster_pipeline.training.recipe import clip_gradients, lr_factor, set_lr
 from cluster_pipeline.training.seeding import Stream, seed_step, stream_seed
 from cluster_pipeline.training.session import Session
+
+if TYPE_CHECKING:
+    from cluster_pipeline.training.targets import Targets
 
 # Turns a training batch and its targets into what the network trains on (RotNet: each image
 # in four rotations, the rotation as target). Runs on the device, after augmentation.
@@ -59,24 +62,18 @@ def train_step(
     return torch.stack([loss.detach(), accuracy])
 
 
-def train_one_epoch(
-    s: Session, labels: np.ndarray, transform: BatchTransform | None = None
-) -> EpochTotals:
-    """The epoch's draws, uniform over `labels` (-1: never drawn), from `s.pos.step` on.
+def train_one_epoch(s: Session, targets: Targets) -> EpochTotals:
+    """The epoch's draws (`targets.draws`), from `s.pos.step` on, each batch one step of
+    `targets.train_step` at the scheduled rate.
 
-    `transform` maps each augmented batch and its labels to the network's batch and targets.
     Collective: call on every rank.
     """
     cfg, ctx, pos = s.cfg, s.ctx, s.pos
     b = per_rank_batch_size(cfg, ctx.world)
-    num_draws = cfg.train.samples_per_epoch or s.reader.index.num_samples
-    seed = stream_seed(cfg.train.seed, Stream.EPOCH, pos.epoch)
-    mine = rank_draws(pos.sampler, labels, num_draws, seed, ctx.rank, ctx.world, b)
+    mine = targets.draws(s, b)
     steps = len(mine) // b  # the same on every rank
-    targets = torch.from_numpy(labels)
     gen = torch.Generator()
     total = torch.tensor(pos.rank_sums(ctx.rank), dtype=torch.float32, device=ctx.device)
-    bf16 = cfg.train.bf16 and ctx.device.type == "cuda"
     meter = StepMeter(s, steps, b * ctx.world)
     s.ddp.train()
     # Strict reads: a sample skipped at extraction has label -1 and is never drawn.
@@ -88,12 +85,7 @@ def train_one_epoch(
         s.policy.at_step(pos, total)
         seed_step(gen, cfg.train.seed, pos.epoch, ctx.rank, pos.step)
         lr = set_lr(s.optimizer, lr_factor(cfg.optim, cfg.train.epochs, pos.epoch, pos.step, steps))
-        x = to_float(images.to(ctx.device, non_blocking=True), cfg.data.mean, cfg.data.std)
-        x, y = augment(x, cfg, gen), targets[idx].to(ctx.device).long()
-        if transform is not None:
-            x, y = transform(x, y)
-        out = train_step(s.ddp, s.optimizer, as_layout(x, cfg, ctx), y,
-                         cfg.optim.clip_grad_norm, bf16)  # fmt: skip
+        out = targets.train_step(s, idx, images.to(ctx.device, non_blocking=True), gen)
         total += out
         pos.step += 1
         meter.step_done(out, lr)
@@ -102,6 +94,33 @@ def train_one_epoch(
     steps_done = max(1.0, summed[1])
     return EpochTotals(float(summed[0] / steps_done), float(summed[2] / steps_done),
                        int(summed[1]) * b)  # fmt: skip
+
+
+def epoch_draws(s: Session, labels: np.ndarray, b: int) -> np.ndarray:
+    """This rank's draws of the epoch, uniform over `labels` (-1: never drawn)."""
+    cfg, ctx, pos = s.cfg, s.ctx, s.pos
+    num_draws = cfg.train.samples_per_epoch or s.reader.index.num_samples
+    seed = stream_seed(cfg.train.seed, Stream.EPOCH, pos.epoch)
+    return rank_draws(pos.sampler, labels, num_draws, seed, ctx.rank, ctx.world, b)
+
+
+def labelled_step(
+    s: Session,
+    images: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    transform: BatchTransform | None = None,
+) -> torch.Tensor:
+    """One step on a batch of uint8 images (on the device) and their targets: augmentation,
+    `transform` (RotNet's rotations), `train_step`; (loss, accuracy) on the device."""
+    cfg, ctx = s.cfg, s.ctx
+    x = augment(to_float(images, cfg.data.mean, cfg.data.std), cfg, gen)
+    y = y.to(ctx.device).long()
+    if transform is not None:
+        x, y = transform(x, y)
+    bf16 = cfg.train.bf16 and ctx.device.type == "cuda"
+    return train_step(s.ddp, s.optimizer, as_layout(x, cfg, ctx), y, cfg.optim.clip_grad_norm,
+                      bf16)  # fmt: skip
 
 
 class StepMeter:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cluster_pipeline import dist
 from cluster_pipeline.clustering import metrics
 from cluster_pipeline.clustering.labels import as_labels
 from cluster_pipeline.config import Config, ConfigError
@@ -25,10 +26,11 @@ from cluster_pipeline.models.nets import ClusterNet, reset_head
 from cluster_pipeline.training.checkpoints import to_array, to_tensor
 from cluster_pipeline.training.pseudo_labels import pseudo_labels
 from cluster_pipeline.training.seeding import Stream, stream_seed
+from cluster_pipeline.training.step import BatchTransform, epoch_draws, labelled_step
 
 if TYPE_CHECKING:
     from cluster_pipeline.training.session import Session
-    from cluster_pipeline.training.step import BatchTransform
+
 
 # (metrics key, column title, decimals) of the table printed on rank 0, one row per epoch.
 Columns = tuple[tuple[str, str, int], ...]
@@ -60,6 +62,35 @@ class Targets:
     def epoch_labels(self) -> np.ndarray:
         assert self.labels is not None, "the epoch's targets are not made yet"
         return self.labels
+
+    def report_k(self, cfg: Config) -> int | None:
+        """The k that report.png's title names (None: the targets are no clustering)."""
+        return cfg.cluster.k if self.clusters_features else None
+
+    def make_head(self, model: ClusterNet, index: ShardIndex, seed: int) -> None:
+        """The head a run starts with: one of `outputs` classes made once for the run, or the
+        model's own (None)."""
+        outputs = self.outputs(index)
+        if outputs is not None:
+            fresh_head(model, outputs, seed)
+
+    def draws(self, s: Session, batch_size: int) -> np.ndarray:
+        """This rank's draws of the epoch (whole steps, as many on every rank): uniform over
+        the epoch's labels."""
+        return epoch_draws(s, self.epoch_labels(), batch_size)
+
+    def train_step(
+        self, s: Session, idx: torch.Tensor, images: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:
+        """One step on the batch of samples `idx` (uint8 images on the device): (loss,
+        accuracy) on the device. Here: augmentation, the batch transform, cross-entropy on
+        each sample's label."""
+        y = torch.from_numpy(self.epoch_labels())[idx]
+        return labelled_step(s, images, y, gen, self.transform)
+
+    def collect(self, ctx: dist.DistContext) -> None:
+        """Before a checkpoint, on every rank: bring to rank 0 what `state_dict` needs that
+        lives on other ranks (nothing here). Collective: call on every rank."""
 
     def epoch_row(self, truth: np.ndarray | None) -> dict[str, Any]:
         """Metrics of the epoch's targets beyond the training's (rank 0)."""
