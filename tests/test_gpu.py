@@ -143,3 +143,16 @@ def test_train_one_compiled_epoch_on_the_gpu(digits_shards: Path, tmp_path: Path
               "optim.schedule=cosine", "optim.warmup_epochs=0.5")  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "training through torch.compile (mode default, backend inductor)" in res.stdout
+
+
+@needs_cuda
+def test_deepcluster_v2_trains_an_epoch_on_the_gpu_with_the_torch_backend(
+    digits_shards: Path, tmp_path: Path
+) -> None:
+    res = cli("train", "--config", "configs/digits_test.yaml", f"data.shards={digits_shards}",
+              f"run.dir={tmp_path / 'run'}", "train.epochs=2", "train.method=deepcluster_v2",
+              "dcv2.prototypes=[10,12]", "dcv2.small_crops=2", "dcv2.small_size=4",
+              "cluster.backend=torch", "optim.optimizer=lars")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["nmi_heads"] is not None

@@ -36,6 +36,9 @@ DIGITS = [
     "data.num_workers=0", "data.extract_batch_size=256", "model.width=8", "cluster.pca_dim=16",
     "cluster.niter=10", "augment.min_scale=0.6", "wandb.mode=offline", "run.progress=false",
 ]  # fmt: skip
+# DeepCluster-v2 at the digits' scale (8 x 8 images: small crops of 4).
+DCV2 = ("train.method=deepcluster_v2", "dcv2.prototypes=[10,12]", "dcv2.small_crops=2",
+        "dcv2.small_size=4", "dcv2.proj_hidden=64", "dcv2.proj_dim=16")  # fmt: skip
 
 
 def slurm_args(nodes: int, tasks: int, partition: str = "debug") -> list[str]:
@@ -193,17 +196,20 @@ def test_one_node_two_tasks_requeued_by_scontrol(
     slurm_cluster: SlurmCluster, digits_shards: Path, tmp_path: Path
 ) -> None:
     """`scontrol requeue` sends SIGTERM and requeues the job itself: the ranks checkpoint on
-    the SIGTERM and the requeued job continues from it, every epoch once, one W&B run."""
+    the SIGTERM and the requeued job continues from it, every epoch once, one W&B run. The job
+    trains DeepCluster-v2 (train.method=deepcluster_v2), as `make launch COMMAND=train
+    CONFIG=<a deepcluster_v2 config>` submits it: its memory bank resumes from the checkpoint."""
     run_dir = tmp_path / "run"
     epochs = 4
     job = submit(slurm_cluster, "--config", "configs/demo_mnist.yaml",
                  f"data.shards={digits_shards}", f"run.dir={run_dir}", f"train.epochs={epochs}",
-                 "train.stop_check_every=1", *DIGITS, *slurm_args(1, 2))  # fmt: skip
+                 "train.stop_check_every=1", *DIGITS, *DCV2, *slurm_args(1, 2))  # fmt: skip
     wait_first_row(run_dir, job)
     ids_before = wandb_ids(run_dir)
     slurm_cluster.run("scontrol", "requeue", job)
     assert wait_done(slurm_cluster, job, run_dir, timeout=240) == "COMPLETED"
     assert [r["epoch"] for r in rows_of(run_dir)] == list(range(epochs))
+    assert all(r["nmi_heads"] is not None for r in rows_of(run_dir)[1:])  # DeepCluster-v2's
     assert restarts(slurm_cluster, job) == 1  # SLURM's requeue, and no second one of ours
     logs = job_logs(run_dir, job)
     assert "rank 0/2 on node n1" in logs and "rank 1/2 on node n1" in logs, logs[-3000:]

@@ -50,9 +50,12 @@ FAILED_NODE_STATES = ("DOWN", "FAIL", "NOT_RESPONDING", "POWER_DOWN", "POWERED_D
 # shell traps USR2 and TERM and forwards them to the job's steps, where the ranks take them as
 # a stop. bash runs a trap only once its foreground child has ended, so srun runs in the
 # background and the shell waits for it; `wait` returns early on a trapped signal, hence the
-# loop, and one last `wait` collects srun's status if it ended in the meantime.
+# loop, and one last `wait` collects srun's status if it ended in the meantime. The forward
+# runs in the background, bounded: when SLURM requeues the job itself (scontrol requeue, a
+# node failure) scancel answers "Job can not be altered now, try again later" and retries,
+# and a trap waiting for it held the batch shell until KillWait (30 s by default) ran out.
 BATCH_SHELL_SETUP = [
-    'forward_to_steps() { scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true; }',
+    'forward_to_steps() { timeout 10 scancel --signal="$1" "$SLURM_JOB_ID" >/dev/null 2>&1 & }',
     "trap 'forward_to_steps USR2' USR2",
     "trap 'forward_to_steps TERM' TERM",
     "srun() {",

@@ -14,9 +14,12 @@
 #   - slurm.conf has preemption (PreemptType=preempt/partition_prio, PreemptMode=REQUEUE) and
 #     two more partitions over the same nodes, low (preempted, GraceTime) and high; so a
 #     cluster started by the original copy is restarted by this one (its slurm.conf differs).
-# Everything else, including AuthInfo=cred_expire=10,
-# SchedulerParameters=sched_interval=2,bf_interval=1 and accounting through MariaDB +
-# slurmdbd, is unchanged. Stop the daemons with stop_local_slurm.sh next to this file.
+#   - AuthInfo=cred_expire=5 (the original has 10): a requeued job waits cred_expire + 1 s
+#     before it may start again, and 5 is the least slurmctld accepts (below, it logs
+#     "cred_expire=4 invalid" and falls back to 120).
+# Everything else, including SchedulerParameters=sched_interval=2,bf_interval=1 and accounting
+# through MariaDB + slurmdbd, is unchanged. Stop the daemons with stop_local_slurm.sh next to
+# this file.
 #
 # Env knobs:
 #   SLURM_LOCAL_NODES=2        number of slurmd "nodes" (n1..nN) on this one machine
@@ -123,8 +126,9 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# requeued jobs become eligible again after cred_expire s (default 120)
-AuthInfo=cred_expire=10
+# requeued jobs become eligible again after cred_expire + 1 s (default 120; 5 is the least
+# slurmctld accepts): each requeue of the tests waits it out
+AuthInfo=cred_expire=5
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
