@@ -24,7 +24,8 @@ data/mnist5k/index.json: $(STAMP)
 
 demo-shards: data/mnist5k/index.json
 
-# DeepCluster on MNIST-5k, 2 local ranks (launch.local, gloo): 145 s from a fresh clone on 2 AMD EPYC cores, about 70 s of it the install and 65 s the training.
+# DeepCluster on MNIST-5k, 2 local ranks (launch.local, gloo): 98 s from a fresh clone on 2 AMD
+# EPYC cores on 2026-12-04 (131 s on 2026-12-03), about 60 s of it the install; README, "What the demo does".
 demo: data/mnist5k/index.json
 	$(PY) -m launch.local --nproc $(NPROC) train --config configs/demo_mnist.yaml
 
