@@ -402,3 +402,25 @@ def test_a_run_directory_held_by_a_live_run_is_refused(tmp_path: Path) -> None:
         check_one_writer(tmp_path)
     (tmp_path / ".lock").write_text(json.dumps(lock.this_holder() | {"pid": 2**22 + 1}))
     check_one_writer(tmp_path)
+
+
+def test_a_job_carries_its_config_as_yaml_and_reads_it_with_todays_fields() -> None:
+    """An attempt requeued after the code gained a config field must still start: the job
+    pickles the config's YAML, not a Config, and an older YAML reads with the new defaults."""
+    import pickle
+
+    from cluster_pipeline.launcher.job import CommandJob
+
+    cfg = load_config(REPO / "configs" / "demo_mnist.yaml", ["cluster.k=7"])
+    job = CommandJob(["train", "--config", "configs/demo_mnist.yaml"], cfg)
+    blob = pickle.dumps(job)
+    assert b"cluster_pipeline.config.root" not in blob  # no pickled Config inside
+    again = pickle.loads(blob)
+    assert again.cfg == cfg and again.cfg.cluster.k == 7
+    # A YAML written before dcv2 and optim.optimizer existed: their defaults fill in.
+    from omegaconf import OmegaConf
+
+    older = OmegaConf.create(again.cfg_yaml)
+    del older["dcv2"], older.optim["optimizer"], older.optim["lars_eta"]
+    again.cfg_yaml = OmegaConf.to_yaml(older)
+    assert again.cfg.dcv2.prototypes == [100, 100, 100] and again.cfg.optim.optimizer == "sgd"

@@ -29,7 +29,7 @@ import submitit
 import torch
 
 from cluster_pipeline import cli
-from cluster_pipeline.config import Config, ConfigError, SlurmConfig
+from cluster_pipeline.config import Config, ConfigError, SlurmConfig, load_config, to_yaml
 from cluster_pipeline.dist.errors import RankLostError
 from cluster_pipeline.launcher.cluster import ClusterError, sacct_state, scontrol_show
 from cluster_pipeline.run.lock import RunDirInUse
@@ -51,11 +51,11 @@ FAILED_NODE_STATES = ("DOWN", "FAIL", "NOT_RESPONDING", "POWER_DOWN", "POWERED_D
 # a stop. bash runs a trap only once its foreground child has ended, so srun runs in the
 # background and the shell waits for it; `wait` returns early on a trapped signal, hence the
 # loop, and one last `wait` collects srun's status if it ended in the meantime. The forward
-# runs in the background, bounded: when SLURM requeues the job itself (scontrol requeue, a
-# node failure) scancel answers "Job can not be altered now, try again later" and retries,
-# and a trap waiting for it held the batch shell until KillWait (30 s by default) ran out.
+# gives up after 3 s: when SLURM requeues the job itself (scontrol requeue, a node failure)
+# scancel answers "Job can not be altered now, try again later" and retries, and the trap held
+# the batch shell until KillWait (30 s by default) ran out; SLURM signals the steps then itself.
 BATCH_SHELL_SETUP = [
-    'forward_to_steps() { timeout 10 scancel --signal="$1" "$SLURM_JOB_ID" >/dev/null 2>&1 & }',
+    'forward_to_steps() { timeout 3 scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true; }',
     "trap 'forward_to_steps USR2' USR2",
     "trap 'forward_to_steps TERM' TERM",
     "srun() {",
@@ -233,7 +233,14 @@ class CommandJob(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, argv: list[str], cfg: Config) -> None:
-        self.argv, self.cfg = argv, cfg
+        # The config travels as its YAML, not as a pickled Config: an attempt requeued after
+        # the code gained a config field (a `git pull` on the shared file system while the job
+        # waits) reads it with that field's default instead of failing on the missing attribute.
+        self.argv, self.cfg_yaml = argv, to_yaml(cfg)
+
+    @property
+    def cfg(self) -> Config:
+        return load_config(None, text=self.cfg_yaml, origin="the job's config")
 
     def __call__(self) -> str | None:
         started = time.time()
@@ -257,8 +264,9 @@ class CommandJob(submitit.helpers.Checkpointable):
             flush=True,
         )
         try:
-            check_job_shape(self.cfg, env)
-            out = command.run(args, self.cfg, flag, requeue)
+            cfg = self.cfg
+            check_job_shape(cfg, env)
+            out = command.run(args, cfg, flag, requeue)
         except Stopped as stop:
             print(f"rank {env.global_rank}: {stop}", flush=True)
             sys.exit(-1)  # as submitit does after a requeue: SLURM restarts the job

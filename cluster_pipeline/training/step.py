@@ -130,7 +130,7 @@ class StepMeter:
 
     def __init__(self, s: Session, steps: int, global_batch: int) -> None:
         self.s, self.steps, self.global_batch = s, steps, global_batch
-        self.every = s.cfg.wandb.log_every_steps if s.ctx.is_main else 0
+        self.every = s.cfg.wandb.log_every_steps if s.tracker.shows_media else 0  # rank 0
         self.since = self.last = time.perf_counter()
         self.wait, self.count = 0.0, 0
 
