@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from cluster_pipeline.models.nets import build_model
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.testing.multiproc import next_rendezvous_port, run_ranks
+from cluster_pipeline.testing.stops import StopAtPoll
 from cluster_pipeline.training.deepcluster_v2 import (
     UNFILLED,
     Bank,
@@ -125,16 +125,6 @@ def test_lars_scales_each_update_by_its_trust_ratio() -> None:
 
 
 # ------------------------------------------------------------------------ whole runs
-
-
-class StopAtPoll(StopFlag):
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at, self.polls = at, 0
-
-    def poll(self) -> int:
-        self.polls += 1
-        return int(signal.SIGTERM) if self.polls >= self.at else 0
 
 
 def train_rank(rank: int, world: int, args: list[str], stop_at: int) -> str:

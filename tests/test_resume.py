@@ -29,6 +29,7 @@ from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.run.wandb_file import read_wandb_file
 from cluster_pipeline.testing.limits import limit
 from cluster_pipeline.testing.multiproc import launcher_env, next_rendezvous_port, run_ranks
+from cluster_pipeline.testing.stops import StopAtPoll
 from cluster_pipeline.training.methods import run_deepcluster
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
@@ -39,18 +40,6 @@ EPOCHS = 3
 # digits: 1797 samples, 2 ranks x batch 64 -> 14 steps per epoch; one poll before clustering
 # and one per step, so epoch e's polls are 15e+1 (before clustering) and 15e+2+s (step s).
 POLLS_PER_EPOCH = 15
-
-
-class StopAtPoll(StopFlag):
-    """Acts as if SIGTERM arrived just before the `at`-th safe point."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at, self.polls = at, 0
-
-    def poll(self) -> int:
-        self.polls += 1
-        return int(signal.SIGTERM) if self.polls >= self.at else 0
 
 
 # Every run here trains under a full recipe: a rate that changes every step (warmup, then
