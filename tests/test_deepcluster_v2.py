@@ -3,7 +3,6 @@ stop and resume, the first fill of the bank, the clustering equal on 1 and 2 ran
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from cluster_pipeline.data.loader import batch_loader
 from cluster_pipeline.data.reader import SampleReader, ShardIndex
 from cluster_pipeline.models.nets import build_model
 from cluster_pipeline.run import checkpoint
-from cluster_pipeline.run.stop import StopFlag, Stopped
-from cluster_pipeline.testing.multiproc import next_rendezvous_port, run_ranks
-from cluster_pipeline.testing.stops import StopAtPoll
+from cluster_pipeline.testing.multiproc import run_ranks
+from cluster_pipeline.testing.stops import train_rank, weights_hash
 from cluster_pipeline.training.deepcluster_v2 import (
     UNFILLED,
     Bank,
@@ -31,11 +29,10 @@ from cluster_pipeline.training.deepcluster_v2 import (
     head_clustering,
     large_and_small_views,
 )
-from cluster_pipeline.training.methods import run_deepcluster
 from cluster_pipeline.training.recipe import make_optimizer
 from cluster_pipeline.training.seeding import Stream, stream_seed
 
-CONFIG = "configs/digits_test.yaml"
+CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "digits_test.yaml")
 EPOCHS = 3
 # digits: 1797 samples, 2 ranks x 64: 14 steps per epoch (1792 drawn, 5 left over). One stop
 # poll before each epoch's clustering and one per step: epoch e's are 15e+1 and 15e+2+s.
@@ -127,16 +124,6 @@ def test_lars_scales_each_update_by_its_trust_ratio() -> None:
 # ------------------------------------------------------------------------ whole runs
 
 
-def train_rank(rank: int, world: int, args: list[str], stop_at: int) -> str:
-    next_rendezvous_port()
-    cfg = load_config(CONFIG, args)
-    try:
-        run_deepcluster(cfg, StopAtPoll(stop_at) if stop_at else StopFlag())
-    except Stopped as stop:
-        return f"stopped:{stop.checkpoint}"
-    return "done"
-
-
 STOPS = {"mid-epoch": POLLS_PER_EPOCH + 2 + 5, "before-clustering": 2 * POLLS_PER_EPOCH + 1}
 
 
@@ -147,13 +134,13 @@ def every_case(rank: int, world: int, shards: Path, base: Path) -> dict:
     def args(name: str) -> list[str]:
         return [f"data.shards={shards}", f"run.dir={base / name}", "wandb.mode=disabled", *DCV2]
 
-    out = {"reference": train_rank(rank, world, args("reference"), 0)}
+    out = {"reference": train_rank(rank, world, CONFIG, args("reference"), 0)}
     for case, at in STOPS.items():
         out[case] = [
-            train_rank(rank, world, args(case), at),
-            train_rank(rank, world, args(case), 0),
+            train_rank(rank, world, CONFIG, args(case), at),
+            train_rank(rank, world, CONFIG, args(case), 0),
         ]
-    out["fill"] = train_rank(rank, world, args("fill"), 1)
+    out["fill"] = train_rank(rank, world, CONFIG, args("fill"), 1)
     return out
 
 
@@ -171,14 +158,6 @@ def runs(digits_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def rows_of(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights_hash(run_dir: Path) -> str:
-    state = checkpoint.load(checkpoint.checkpoint_path(run_dir, EPOCHS))
-    h = hashlib.sha256()
-    for name, t in sorted(state["model"].items()):
-        h.update(name.encode() + t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_a_run_logs_its_clusterings_and_the_banks_staleness(runs: Path) -> None:
@@ -206,7 +185,7 @@ def test_a_run_logs_its_clusterings_and_the_banks_staleness(runs: Path) -> None:
 @pytest.mark.parametrize("case", list(STOPS))
 def test_stop_and_resume_is_bit_identical(runs: Path, case: str) -> None:
     """The bank (each rank's rows), the centroids and the assignments are in the checkpoint."""
-    assert weights_hash(runs / case) == weights_hash(runs / "reference")
+    assert weights_hash(runs / case, EPOCHS) == weights_hash(runs / "reference", EPOCHS)
     drop = ("time_", "images_per_s")
     strip = [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows_of(runs / case)]
     want = [{k: v for k, v in r.items() if not k.startswith(drop)}

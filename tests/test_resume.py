@@ -8,7 +8,6 @@ every torchrun rank, and SIGKILL of one rank followed by a restart.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,15 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster_pipeline.config import load_config
 from cluster_pipeline.run import checkpoint
 from cluster_pipeline.run.metrics_file import read_metrics
-from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.run.wandb_file import read_wandb_file
 from cluster_pipeline.testing.limits import limit
-from cluster_pipeline.testing.multiproc import launcher_env, next_rendezvous_port, run_ranks
-from cluster_pipeline.testing.stops import StopAtPoll
-from cluster_pipeline.training.methods import run_deepcluster
+from cluster_pipeline.testing.multiproc import launcher_env, run_ranks
+from cluster_pipeline.testing.stops import train_rank, weights_hash
 
 pytestmark = pytest.mark.slow  # every test here starts rank processes or whole runs
 
@@ -62,25 +58,6 @@ def overrides(shards: Path, run_dir: Path, *extra: str, recipe: list[str] = RECI
             "train.keep_checkpoints=50", *recipe, *extra]  # fmt: skip
 
 
-def train_rank(rank: int, world: int, args: list[str], stop_at: int) -> str:
-    next_rendezvous_port()
-    cfg = load_config(CONFIG, args)
-    try:
-        run_deepcluster(cfg, StopAtPoll(stop_at) if stop_at else StopFlag())
-    except Stopped as stop:
-        return f"stopped:{stop.checkpoint}"
-    return "done"
-
-
-def weights_hash(run_dir: Path) -> str:
-    state = checkpoint.load(checkpoint.checkpoint_path(run_dir, EPOCHS))
-    h = hashlib.sha256()
-    for name, t in sorted(state["model"].items()):
-        h.update(name.encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def metric_values(run_dir: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "images_per_s"}
@@ -102,17 +79,17 @@ def stop_and_resume_every_case(rank: int, world: int, shards: Path, base: Path) 
     processes (spawning ranks costs seconds): the same calls as separate processes would make,
     each run with its own process group. A copy of the mid-epoch case's run directory as it
     was stopped is left for test_resume_refuses_a_different_world_size_mid_epoch."""
-    out = {"reference": train_rank(rank, world, overrides(shards, base / "reference"), 0)}
+    out = {"reference": train_rank(rank, world, CONFIG, overrides(shards, base / "reference"), 0)}
     for case, stop_at in STOPS.items():
         run_dir = base / case
         args = overrides(shards, run_dir, *(["wandb.mode=auto"] if case == WANDB_CASE else []))
         mode = os.environ.pop("WANDB_MODE", None) if case == WANDB_CASE else None
-        first = train_rank(rank, world, args, stop_at)
+        first = train_rank(rank, world, CONFIG, args, stop_at)
         stopped = {"first": first, "epochs_logged": len(metric_values(run_dir)) if rank == 0 else 0}
         if case == WANDB_CASE and rank == 0:
             stopped["wandb_id"] = checkpoint.load_latest(run_dir)["tracker"]["wandb_id"]  # type: ignore[index]
             shutil.copytree(run_dir, base / "stopped-mid-epoch")
-        stopped["second"] = train_rank(rank, world, args, 0)
+        stopped["second"] = train_rank(rank, world, CONFIG, args, 0)
         if mode is not None:
             os.environ["WANDB_MODE"] = mode
         out[case] = stopped
@@ -145,7 +122,7 @@ def test_stop_and_resume_is_bit_identical(
     assert first[0] == f"stopped:{expected}"
     assert results[0][case]["epochs_logged"] == epoch
     assert [r[case]["second"] for r in results] == ["done"] * 2
-    assert weights_hash(run_dir) == weights_hash(reference)
+    assert weights_hash(run_dir, EPOCHS) == weights_hash(reference, EPOCHS)
     assert metric_values(run_dir) == metric_values(reference)
 
 
@@ -271,7 +248,7 @@ def test_real_signal_then_restart_is_bit_identical(
     again = torchrun(args)
     out, _ = again.communicate(timeout=limit(240))
     assert again.returncode == 0, out[-3000:]
-    assert weights_hash(run_dir) == weights_hash(reference)
+    assert weights_hash(run_dir, EPOCHS) == weights_hash(reference, EPOCHS)
     assert metric_values(run_dir) == metric_values(reference)
 
 
@@ -331,11 +308,12 @@ def test_a_schema1_checkpoint_resumes_bit_identical(digits_shards: Path, tmp_pat
     code on another CPU, whose kernels round the training steps differently)."""
     reference = tmp_path / "reference"
     sampler_v1 = overrides(digits_shards, reference, "train.sampler=1", recipe=[])
-    assert run_ranks(2, train_rank, sampler_v1, 0) == ["done"] * 2
+    assert run_ranks(2, train_rank, CONFIG, sampler_v1, 0) == ["done"] * 2
     run_dir = tmp_path / "run"
     stopped = overrides(digits_shards, run_dir, "train.sampler=1", recipe=[])
     assert all(
-        r.startswith("stopped:") for r in run_ranks(2, train_rank, stopped, STOPS["mid-epoch"])
+        r.startswith("stopped:")
+        for r in run_ranks(2, train_rank, CONFIG, stopped, STOPS["mid-epoch"])
     )
     *earlier, latest = checkpoint.list_checkpoints(run_dir)
     states = [torch.load(path, weights_only=True) for path in earlier]
@@ -347,8 +325,11 @@ def test_a_schema1_checkpoint_resumes_bit_identical(digits_shards: Path, tmp_pat
     assert layout(old) == layout(real_old)  # the old code's layout, key for key
     assert (old["epoch"], old["step"]) == (real_old["epoch"], real_old["step"]) == (1, 5)
     torch.save(old, latest)
-    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir, recipe=[]), 0) == ["done"] * 2
-    assert weights_hash(run_dir) == weights_hash(reference)
+    assert (
+        run_ranks(2, train_rank, CONFIG, overrides(digits_shards, run_dir, recipe=[]), 0)
+        == ["done"] * 2
+    )
+    assert weights_hash(run_dir, EPOCHS) == weights_hash(reference, EPOCHS)
     assert metric_values(run_dir) == metric_values(reference)
     assert torch.load(checkpoint.list_checkpoints(run_dir)[-1])["schema_version"] == 2
 
@@ -359,7 +340,10 @@ def test_the_old_codes_own_schema1_run_resumes_to_the_end(digits_shards: Path, t
     CPU it was made on: the test above checks them on this one.)"""
     run_dir = tmp_path / "run"
     shutil.copytree(SCHEMA1_RUN, run_dir)
-    assert run_ranks(2, train_rank, overrides(digits_shards, run_dir, recipe=[]), 0) == ["done"] * 2
+    assert (
+        run_ranks(2, train_rank, CONFIG, overrides(digits_shards, run_dir, recipe=[]), 0)
+        == ["done"] * 2
+    )
     final = torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)
     assert final["schema_version"] == 2 and final["position"]["sampler"] == 1
     assert [r["epoch"] for r in metric_values(run_dir)] == list(range(EPOCHS))
@@ -370,7 +354,7 @@ def test_resume_refuses_a_different_world_size_mid_epoch(
 ) -> None:
     run_dir = resumed[0] / "stopped-mid-epoch"  # as stopped within epoch 1 by 2 ranks, at step 5
     with pytest.raises(AssertionError, match="written within epoch 1 by 2 ranks"):
-        run_ranks(1, train_rank, overrides(digits_shards, run_dir), 0)
+        run_ranks(1, train_rank, CONFIG, overrides(digits_shards, run_dir), 0)
     last = torch.load(checkpoint.list_checkpoints(run_dir)[-1], weights_only=True)
     assert last["position"]["step"] == 5
 

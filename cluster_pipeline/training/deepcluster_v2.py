@@ -98,16 +98,20 @@ class Bank:
 def epoch_permutation_draws(n: int, seed: int, rank: int, world: int, b: int) -> np.ndarray:
     """This rank's draws of a DeepCluster-v2 epoch: a seeded permutation of the N samples
     dealt over the ranks, cut to whole steps, as many on every rank."""
-    perm = np.random.default_rng(seed).permutation(n)
+    return np.ascontiguousarray(epoch_permutation(n, seed, world, b)[rank::world])
+
+
+def epoch_permutation(n: int, seed: int, world: int, b: int) -> np.ndarray:
+    """All ranks' draws of the epoch in dealing order: rank r's are every world-th from r."""
     per_rank = n // (world * b) * b
-    return np.ascontiguousarray(perm[rank::world][:per_rank])
+    return np.random.default_rng(seed).permutation(n)[: per_rank * world]
 
 
 def drawn_mask(n: int, seed: int, world: int, b: int) -> np.ndarray:
-    """Which samples some rank draws in the epoch of `seed` (an N-mask, alike on every rank)."""
+    """Which samples some rank draws in the epoch of `seed` (an N-mask, alike on every rank):
+    one permutation, not one per rank."""
     mask = np.zeros(n, dtype=bool)
-    for r in range(world):
-        mask[epoch_permutation_draws(n, seed, r, world, b)] = True
+    mask[epoch_permutation(n, seed, world, b)] = True
     return mask
 
 
