@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from test_e2e import cli, rows_of
-from test_resume import StopAtPoll
 
 from cluster_pipeline import dist
 from cluster_pipeline.cli import main
@@ -26,6 +25,7 @@ from cluster_pipeline.run.setup import open_data_and_model
 from cluster_pipeline.run.stop import StopFlag, Stopped
 from cluster_pipeline.run.wandb_file import read_wandb_file
 from cluster_pipeline.testing.multiproc import next_rendezvous_port, run_ranks
+from cluster_pipeline.testing.stops import StopAtPoll
 from cluster_pipeline.training.clusterfit import (
     LABELS_FILE,
     SUMMARY_FILE,
